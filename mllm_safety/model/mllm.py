@@ -1,0 +1,122 @@
+"""The LLaVA-style model: vision tower -> projector -> image tokens spliced into the LLM's input embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss: prompts, image tokens, padding."""
+
+IMAGE_TOKEN_ID = -200
+"""Input id of each image position (LLaVA's ``IMAGE_TOKEN_INDEX``): outside every vocabulary, so no embedding row is
+added to the LLM; the positions are filled with projected image features before the LLM sees them."""
+
+
+@dataclass
+class MultimodalOutput:
+    loss: torch.Tensor | None
+    """Mean cross-entropy over the reply tokens of the whole batch (not a mean of per-sample means)."""
+    logits: torch.Tensor
+    """``(B, L, V)`` without labels; with labels only at the positions that predict a reply token of some sample."""
+    num_label_tokens: torch.Tensor
+    """How many tokens the loss averages over; a trainer needs it to weight batches of different size."""
+
+
+class MultimodalLM(nn.Module):
+    """Vision encoder, projector and a Hugging Face causal LM, combined the way LLaVA-1.5 combines them.
+
+    Every image occupies ``vision.num_tokens`` consecutive positions of ``input_ids`` equal to ``image_token_id``;
+    ``pixel_values`` holds the images of the batch in the order their positions appear (samples without an image
+    contribute none), so one batch may mix samples with and without images.
+    """
+
+    def __init__(
+        self, vision: nn.Module, projector: nn.Module, llm: PreTrainedModel, image_token_id: int = IMAGE_TOKEN_ID
+    ) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image positions replaced by projected vision tokens.
+
+        The vision path runs even for a batch without images (``pixel_values`` of length 0), so that ranks sharding
+        the model always call the same modules in the same order.
+        """
+        image_mask = input_ids == self.image_token_id
+        text_ids = input_ids.masked_fill(image_mask, 0)
+        embeds = self.llm.get_input_embeddings()(text_ids)
+        num_positions = int(image_mask.sum())
+        if pixel_values.shape[0] == 0 and num_positions == 0:
+            # Towers fail on an empty batch: run one blank image and add it with weight 0, which keeps vision and
+            # projector in the autograd graph (DDP and FSDP expect every rank to use the same parameters).
+            blank = pixel_values.new_zeros((1, *pixel_values.shape[1:]), dtype=embeds.dtype)
+            return embeds + 0.0 * self.projector(self.vision(blank)).sum()
+        features = self.projector(self.vision(pixel_values.to(embeds.dtype)))
+        if features.shape[0] * features.shape[1] != num_positions:
+            raise ValueError(
+                f"batch has {num_positions} image positions but {features.shape[0]} images of "
+                f"{features.shape[1]} tokens each; the processor and the vision tower disagree"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> MultimodalOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        # Positions count real tokens only, so left- and right-padded batches give the same logits.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is None:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+            return MultimodalOutput(loss=None, logits=logits, num_label_tokens=torch.zeros((), dtype=torch.long))
+        # Logit at position t predicts token t+1. Only positions that predict a reply token go through the LM head:
+        # prompts and image tokens are most of a LLaVA sequence, and the head is a large share of a small LLM.
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        logits = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits
+        targets = targets[:, keep]
+        num_label_tokens = (targets != IGNORE_INDEX).sum()
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return MultimodalOutput(
+            loss=loss_sum / num_label_tokens.clamp(min=1), logits=logits, num_label_tokens=num_label_tokens
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 64,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding with KV cache for a left-padded batch; returns only the new tokens ``(B, <=max_new)``."""
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )

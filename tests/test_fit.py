@@ -1,0 +1,80 @@
+"""The whole path through the CLI: config -> data -> model -> training -> safety evaluation -> logs."""
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_safety.fit import main
+from mllm_safety.safety.callback import SafetyEvalCallback
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+def run_fit(tmp_path, *overrides):
+    return main(
+        [
+            "--config",
+            CONFIG,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            *overrides,
+        ]
+    )
+
+
+def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
+    cli = run_fit(tmp_path, "--trainer.max_epochs", "2", "--data.rejection_ratio", "0.5")
+    trainer = cli.trainer
+    assert trainer.current_epoch == 2 and trainer.global_step == 16  # 32 demo samples / batch 4, twice
+    callback = next(c for c in trainer.callbacks if isinstance(c, SafetyEvalCallback))
+    assert [label for label, _ in callback.history] == ["before", "epoch 0", "epoch 1"]
+    expected = {"safety/asr_typographic", "safety/asr_text", "safety/asr_mean", "safety/over_refusal"}
+    assert set(callback.history[-1][1]) == expected
+    assert all(0.0 <= value <= 1.0 for _, metrics in callback.history for value in metrics.values())
+
+    log_dir = Path(trainer.logger.log_dir)
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    safety_rows = [r for r in rows if r["safety/asr_text"]]
+    assert len(safety_rows) == 3, "baseline + one evaluation per epoch"
+    assert any(r["train/loss"] for r in rows)
+    assert (log_dir / "config.yaml").read_text().count("rejection_ratio: 0.5") == 1
+    assert "safety/asr_text" in capsys.readouterr().out, "the before/after table is printed at the end"
+
+    # the checkpoint holds only what trains, and loads back into a fresh model
+    checkpoint = next(log_dir.glob("checkpoints/*.ckpt"))
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable and any("lora" in n for n in state) and any("projector" in n for n in state)
+
+
+def test_training_changes_trainable_weights_only(tmp_path):
+    trained = run_fit(tmp_path, "--trainer.max_steps", "3", "--trainer.callbacks", "[]").model
+    initial = run_fit(tmp_path, "--trainer.max_steps", "0", "--trainer.callbacks", "[]").model  # same seed, same init
+    after = dict(trained.named_parameters())
+    changed = {name for name, before in initial.named_parameters() if not torch.equal(before, after[name])}
+    trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
+    assert changed <= trainable, f"frozen weights changed: {sorted(changed - trainable)[:3]}"
+    assert any("projector" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert not any(n.startswith("model.vision") for n in trainable), "the vision tower is frozen by default"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--data.rejection_ratio", "1.5"], "rejection ratio must be in \\[0, 1\\], got 1.5"),
+        (["--data.no_such_option", "1"], "no_such_option"),
+        (["--model.projector", "mlp2x_relu"], "unknown projector 'mlp2x_relu'"),
+        (["--model.vision.name", "ViT-Nope"], "ViT-Nope"),
+        (["--data.train_shards", "/nonexistent/shard-{000..009}.tar"], "matches no file"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(tmp_path, override, message, capsys):
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as error:
+        run_fit(tmp_path, "--trainer.max_steps", "1", *override)
+    text = str(error.value) + capsys.readouterr().err
+    assert re.search(message, text), text
