@@ -122,6 +122,24 @@ def decode_only(pieces: list[ShardSlice]) -> int:
     return count
 
 
+def stage_costs(pieces: list[ShardSlice], processor: MultimodalProcessor, swap: RejectionSwap) -> dict[str, float]:
+    """Milliseconds per sample of each step after decoding, timed one at a time on decoded samples."""
+    conversations = [decode_sample(raw) for piece in pieces for raw in read_slice(piece, Counter())]
+    steps = {
+        "swap": lambda c: swap(c),
+        "tokenize": lambda c: processor.encoder.encode(swap(c)),
+        "image": lambda c: processor._raw_pixels(c.image),
+    }
+    costs = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        for conversation in conversations:
+            step(conversation)
+        costs[name] = (time.perf_counter() - start) * 1000 / len(conversations)
+    costs["tokenize"] -= costs["swap"]
+    return costs
+
+
 def full_pipeline(stream: ShardStream) -> tuple[int, int, int]:
     """Samples produced (repeats excluded), real tokens and token slots over all batches of one epoch."""
     samples = tokens = slots = 0
@@ -180,11 +198,17 @@ def main() -> None:
                 produced, grouped_tokens, grouped_slots = full_pipeline(stream(args.group_buffer))
                 best["full"] = min(best["full"], time.perf_counter() - start)
             _, plain_tokens, plain_slots = full_pipeline(stream(1))
+            costs = stage_costs(pieces, processor, swap)
             decode_rate, full_rate = decoded / best["decode"], produced / best["full"]
             print(f"\n{label}")
             print(f"  decode-only baseline : {decode_rate:7.1f} samples/s")
             print(f"  full pipeline        : {full_rate:7.1f} samples/s")
             print(f"  full / decode-only   : {full_rate / decode_rate:7.2f}   (target >= 0.6)")
+            print(
+                f"  ms per sample: decode {1000 / decode_rate:.3f}, swap {costs['swap']:.3f}, image transform "
+                f"{costs['image']:.3f}, tokenize {costs['tokenize']:.3f}, group + collate + rest "
+                f"{1000 / full_rate - 1000 / decode_rate - sum(costs.values()):.3f}"
+            )
             print(f"  non-pad token share, length grouping : {grouped_tokens / grouped_slots:7.3f}   (target >= 0.9)")
             print(f"  non-pad token share, no grouping     : {plain_tokens / plain_slots:7.3f}")
 

@@ -31,7 +31,7 @@ class SafetyDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         rejection_ratio: float = 0.0,
-        rejection: RejectionConfig | None = None,
+        rejection: RejectionConfig = RejectionConfig(),
         mixture: dict[str, int | None] | None = None,
         batch_size: int = 8,
         num_workers: int = 1,
@@ -71,7 +71,7 @@ class SafetyDataModule(L.LightningDataModule):
             donor_images: Images collected from the data for ``rejection.image: other``.
         """
         super().__init__()
-        self.rejection = rejection or RejectionConfig()
+        self.rejection = rejection
         self.rejection_ratio = rejection_ratio
         RejectionSwap(rejection_ratio, self.rejection)  # fail at configuration time, not after the model loads
         problems = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -51,6 +52,11 @@ class Batch:
         }
 
 
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """``torch.tensor(values)``, several times faster for long lists of ints."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.zeros(0, dtype=torch.long)
+
+
 def split_at_to_tensor(
     transform: Callable[[Image.Image], torch.Tensor],
 ) -> tuple[Callable[[Image.Image], object], Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -98,7 +104,7 @@ class MultimodalProcessor:
         resized = pil_steps(image.convert("RGB"))
         if not isinstance(resized, Image.Image) or resized.mode != "RGB":
             return tensor_steps(resized)
-        return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)  # collate makes it contiguous
+        return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)  # a (3, H, W) view of HWC pixels
 
     def finish_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Model-ready pixels from a batch's ``uint8`` ones (float ones pass through), on whatever device they are."""
@@ -108,7 +114,7 @@ class MultimodalProcessor:
         pixels = pixel_values.float().div(255)
         for step in tensor_steps.transforms[1:]:
             pixels = step(pixels)
-        return pixels
+        return pixels.contiguous()
 
     @property
     def tokenizer(self):
@@ -130,8 +136,8 @@ class MultimodalProcessor:
         encoded = self.encoder.encode(conversation)
         return ModelSample(
             id=encoded.id,
-            input_ids=torch.tensor(encoded.input_ids),
-            labels=torch.tensor(encoded.labels),
+            input_ids=_long_tensor(encoded.input_ids),
+            labels=_long_tensor(encoded.labels),
             pixel_values=self._raw_pixels(conversation.image),
         )
 
@@ -155,7 +161,12 @@ class MultimodalProcessor:
             labels[row, span] = sample.labels
             attention_mask[row, span] = 1
         images = [s.pixel_values for s in samples if s.pixel_values is not None]
-        if len({image.dtype for image in images}) > 1:
-            images = [self.finish_pixels(image) for image in images]
-        pixel_values = torch.stack(images) if images else torch.zeros((0, 3, *self.image_size))
+        if images and all(image.dtype == torch.uint8 for image in images):
+            # Stacked in the HWC order they are stored in: a plain copy instead of a strided gather (several times
+            # faster); the batch is a channels-last view until finish_pixels makes it contiguous on the device.
+            pixel_values = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+        elif images:
+            pixel_values = torch.stack([self.finish_pixels(image) for image in images])
+        else:
+            pixel_values = torch.zeros((0, 3, *self.image_size))
         return Batch([s.id for s in samples], input_ids, attention_mask, labels, pixel_values)
