@@ -128,3 +128,25 @@ def test_export_cli_writes_a_llava_hf_folder_with_the_training_template(tiny_lla
         expected = exported(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
     assert (out / "chat_template.jinja").read_text() == LLAVA_V1_CHAT_TEMPLATE
+
+
+def test_finetune_a_llava_hf_checkpoint_and_export_it_for_transformers(tiny_llava_path, tmp_path):
+    """The user path: fit from a llava-hf folder, then export the run's trainable file as a llava-hf folder."""
+    args = ["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.llm=null", "--model.vision=null"]
+    args += ["--model.projector=null", f"--model.llava.path={tiny_llava_path}", "--model.llava.chat_template=llava_v1"]
+    callbacks = json.dumps([{"class_path": "mllm_safety.train.checkpoints.TrainableWeightsCheckpoint"}])
+    cli = main([*args, f"--trainer.callbacks={callbacks}"])
+    file = next(c for c in cli.trainer.callbacks if isinstance(c, TrainableWeightsCheckpoint)).path(cli.trainer)
+    out = tmp_path / "exported"
+    export(base=tiny_llava_path, out=str(out), trainable=str(file))
+    trained = cli.model.model.eval()
+    exported = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6] + [trained.image_token_id] * 25 + [7, 8]])
+    pixels = torch.linspace(-1, 1, 3 * 30 * 30).reshape(1, 3, 30, 30)
+    with torch.no_grad():
+        expected = exported(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(logits(trained), expected, atol=1e-5, rtol=0)
+    base = load_llava_hf(tiny_llava_path).eval()
+    assert (logits(base) - expected).abs().max() > 1e-4, "training moved the exported weights"
+    assert (out / "chat_template.jinja").read_text() == LLAVA_V1_CHAT_TEMPLATE
