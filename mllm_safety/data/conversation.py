@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -107,11 +108,23 @@ class ChatEncoder:
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
         self.max_length = max_length
+        self._content_parts = _template_reads_content_parts(tokenizer)
+        self._placeholder_id = _placeholder_token_id(tokenizer)
+        self._bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self._content_parts:
+            messages = [m | {"content": [{"type": "text", "text": m["content"]}]} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _tokens(self, text: str) -> list[int]:
+        if self._placeholder_id is not None:
+            # The tokenizer knows <image>: tokenize the text in one piece, as transformers' processors do (pieces
+            # tokenized apart get an extra prefix space from sentencepiece-style tokenizers), then expand it.
+            ids = []
+            for token in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                ids += [self.image_token_id] * self.num_image_tokens if token == self._placeholder_id else [token]
+            return ids
         ids: list[int] = []
         for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if index:
@@ -125,6 +138,8 @@ class ChatEncoder:
         input_ids: list[int] = []
         labels: list[int] = []
         rendered = ""  # the text covered by input_ids so far
+        input_ids += self._bos
+        labels += [IGNORE_INDEX] * len(self._bos)
 
         def add(text: str, learn: bool) -> None:
             ids = self._tokens(text)
@@ -172,4 +187,30 @@ class ChatEncoder:
     def encode_prompt(self, question: str, has_image: bool) -> list[int]:
         """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
         content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
-        return self._tokens(self._render([{"role": "user", "content": content}], add_generation_prompt=True))
+        rendered = self._render([{"role": "user", "content": content}], add_generation_prompt=True)
+        return self._bos + self._tokens(rendered)
+
+
+def _template_reads_content_parts(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template wants ``[{"type": "text", "text": ...}]`` content (llava-hf's renders a plain string
+    as nothing)."""
+    probe = "probe-7f3a"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    except (TemplateError, TypeError):  # templates that index into content parts may fail on a string
+        return True
+    return probe not in rendered
+
+
+def _placeholder_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of ``<image>`` when the tokenizer has it as one token (llava-hf tokenizers), else ``None``."""
+    ids = tokenizer(IMAGE_PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+
+def _missing_bos(tokenizer: PreTrainedTokenizerBase, rendered: str) -> list[int]:
+    """``[bos]`` when the tokenizer adds a BOS token by default but the template does not write one (llava-hf): the
+    text then starts as transformers' processors start it."""
+    bos = tokenizer.bos_token
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return [tokenizer.bos_token_id] if bos is not None and adds_bos and not rendered.startswith(bos) else []
