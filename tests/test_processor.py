@@ -5,6 +5,7 @@ from PIL import Image
 
 from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.processor import MultimodalProcessor
+from mllm_safety.model.vision import VisionConfig, build_vision_encoder
 
 
 def conversation(sample_id, colour):
@@ -41,3 +42,14 @@ def test_batches_pin_their_tensors(tokenizer):
     pinned = batch.pin_memory()
     assert pinned.input_ids.is_pinned() and pinned.pixel_values.is_pinned()
     assert pinned.ids == ["a"] and pinned.stats == {"repeated": 0} and torch.equal(pinned.input_ids, batch.input_ids)
+
+
+@pytest.mark.parametrize("aspect_ratio", ["pad", "crop"])
+def test_the_model_transform_splits_and_finishes_to_the_same_pixels(tokenizer, aspect_ratio):
+    tower = build_vision_encoder(VisionConfig(name="tiny-vit", image_aspect_ratio=aspect_ratio))
+    processor = MultimodalProcessor(tiny_processor(tokenizer).encoder, tower.image_transform, tower.image_size)
+    wide = Conversation("w", (("<image>\nWhat?", "A bar."),), Image.new("RGB", (90, 30), (10, 200, 60)))
+    sample = processor.stream_sample(wide)
+    assert sample.pixel_values.dtype == torch.uint8
+    finished = processor.finish_pixels(processor.collate([sample]).pixel_values)[0]
+    assert torch.allclose(finished, tower.image_transform(wide.image), atol=1e-6)

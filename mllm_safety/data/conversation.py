@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -175,9 +176,14 @@ class ChatEncoder:
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
         self.max_length = max_length
+        self._content_parts = _template_reads_content_parts(tokenizer)
+        self._placeholder_id = _placeholder_token_id(tokenizer)
+        self._bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
         self.shape = TemplateShape.probe(self._render)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self._content_parts:
+            messages = [m | {"content": [{"type": "text", "text": m["content"]}]} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def turn_texts(self, conversation: Conversation) -> list[tuple[str, str]]:
@@ -199,37 +205,47 @@ class ChatEncoder:
         ]
 
     def _tokens(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if index:
-                ids += [self.image_token_id] * self.num_image_tokens
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+        return self._tokens_batch([text])[0]
 
-    def _tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
-        if backend is None:
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    def _tokens_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, ``<image>`` expanded to the image tokens, in one batched tokenizer call."""
+        image = [self.image_token_id] * self.num_image_tokens
+        if self._placeholder_id is not None:
+            # The tokenizer knows <image>: tokenize each text in one piece, as transformers' processors do (pieces
+            # tokenized apart get an extra prefix space from sentencepiece-style tokenizers), then expand it.
+            expanded = []
+            for ids in self._tokenize(texts):
+                if self._placeholder_id in ids:
+                    ids = [t for token in ids for t in (image if token == self._placeholder_id else [token])]
+                expanded.append(ids)
+            return expanded
+        parts = [text.split(IMAGE_PLACEHOLDER) for text in texts]
+        tokenized = iter(self._tokenize([piece for pieces in parts for piece in pieces if piece]))
+        expanded = []
+        for pieces in parts:
+            ids: list[int] = []
+            for index, piece in enumerate(pieces):
+                if index:
+                    ids += image
+                if piece:
+                    ids += next(tokenized)
+            expanded.append(ids)
+        return expanded
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def _tokenize_spans(self, spans: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-        """Token ids and labels of ``(text, learned)`` spans, every text piece tokenized in one batched call."""
-        pieces: list[tuple[str | None, bool]] = []  # None marks an image
-        for text, learn in spans:
-            for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-                if index:
-                    pieces.append((None, False))
-                if piece:
-                    pieces.append((piece, learn))
-        texts = [piece for piece, _ in pieces if piece is not None]
-        tokenized = iter(self._tokenize_batch(texts) if texts else [])
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for piece, learn in pieces:
-            ids = [self.image_token_id] * self.num_image_tokens if piece is None else next(tokenized)
+        """Token ids and labels of ``(text, learned)`` spans after the BOS a template may lack; image tokens are
+        never learned."""
+        input_ids: list[int] = list(self._bos)
+        labels: list[int] = [IGNORE_INDEX] * len(self._bos)
+        for (_, learn), ids in zip(spans, self._tokens_batch([text for text, _ in spans]), strict=True):
             input_ids += ids
-            labels += ids if learn else [IGNORE_INDEX] * len(ids)
+            if learn and self.image_token_id not in ids:
+                labels += ids
+            else:
+                labels += [t if learn and t != self.image_token_id else IGNORE_INDEX for t in ids]
         return input_ids, labels
 
     def encode(self, conversation: Conversation) -> EncodedSample:
@@ -276,4 +292,30 @@ class ChatEncoder:
     def encode_prompt(self, question: str, has_image: bool) -> list[int]:
         """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
         content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
-        return self._tokens(self._render([{"role": "user", "content": content}], add_generation_prompt=True))
+        rendered = self._render([{"role": "user", "content": content}], add_generation_prompt=True)
+        return self._bos + self._tokens(rendered)
+
+
+def _template_reads_content_parts(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template wants ``[{"type": "text", "text": ...}]`` content (llava-hf's renders a plain string
+    as nothing)."""
+    probe = "probe-7f3a"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    except (TemplateError, TypeError):  # templates that index into content parts may fail on a string
+        return True
+    return probe not in rendered
+
+
+def _placeholder_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of ``<image>`` when the tokenizer has it as one token (llava-hf tokenizers), else ``None``."""
+    ids = tokenizer(IMAGE_PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+
+def _missing_bos(tokenizer: PreTrainedTokenizerBase, rendered: str) -> list[int]:
+    """``[bos]`` when the tokenizer adds a BOS token by default but the template does not write one (llava-hf): the
+    text then starts as transformers' processors start it."""
+    bos = tokenizer.bos_token
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return [tokenizer.bos_token_id] if bos is not None and adds_bos and not rendered.startswith(bos) else []

@@ -62,8 +62,11 @@ def split_at_to_tensor(
 ) -> tuple[Callable[[Image.Image], object], Callable[[torch.Tensor], torch.Tensor]] | None:
     """Split a torchvision ``Compose`` into its PIL steps and the tensor steps after ``ToTensor`` (``Normalize``).
 
-    ``None`` when the transform has another shape: then it runs whole, in the data workers.
+    A transform wrapping such a ``Compose`` can offer ``split_with(split_at_to_tensor)`` (the model's
+    ``ImageTransform`` does). ``None`` when the transform has another shape: then it runs whole, in the workers.
     """
+    if callable(split_with := getattr(transform, "split_with", None)):
+        return split_with(split_at_to_tensor)
     steps = getattr(transform, "transforms", None)
     if not isinstance(transform, T.Compose) or not isinstance(steps, list):
         return None

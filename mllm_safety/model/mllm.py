@@ -27,6 +27,20 @@ class MultimodalOutput:
     """How many tokens the loss averages over; a trainer needs it to weight batches of different size."""
 
 
+def check_projector_sizes(vision: nn.Module, projector: nn.Module, llm: PreTrainedModel) -> None:
+    """The projector must map the vision tower's hidden size to the LLM's; a mismatch is a config error, caught here
+    rather than as a matmul shape error in the first batch."""
+    linears = [m for m in projector.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return
+    llm_size = llm.get_input_embeddings().embedding_dim
+    if linears[0].in_features != vision.hidden_size or linears[-1].out_features != llm_size:
+        raise ValueError(
+            f"projector maps {linears[0].in_features} -> {linears[-1].out_features} features, but the vision tower "
+            f"gives {vision.hidden_size} and the LLM takes {llm_size}"
+        )
+
+
 class MultimodalLM(nn.Module):
     """Vision encoder, projector and a Hugging Face causal LM, combined the way LLaVA-1.5 combines them.
 
@@ -39,6 +53,7 @@ class MultimodalLM(nn.Module):
         self, vision: nn.Module, projector: nn.Module, llm: PreTrainedModel, image_token_id: int = IMAGE_TOKEN_ID
     ) -> None:
         super().__init__()
+        check_projector_sizes(vision, projector, llm)
         self.vision = vision
         self.projector = projector
         self.llm = llm
@@ -78,14 +93,20 @@ class MultimodalLM(nn.Module):
         # Positions count real tokens only, so left- and right-padded batches give the same logits.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if labels is None:
-            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+            logits = self.llm(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
             return MultimodalOutput(loss=None, logits=logits, num_label_tokens=torch.zeros((), dtype=torch.long))
         # Logit at position t predicts token t+1. Only positions that predict a reply token go through the LM head:
         # prompts and image tokens are most of a LLaVA sequence, and the head is a large share of a small LLM.
         targets = labels[:, 1:]
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         logits = self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,  # a KV cache only costs memory when nothing is generated
         ).logits
         targets = targets[:, keep]
         num_label_tokens = (targets != IGNORE_INDEX).sum()

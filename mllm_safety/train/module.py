@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import get_cosine_schedule_with_warmup
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from mllm_safety.data.conversation import ChatEncoder
 from mllm_safety.data.processor import Batch, MultimodalProcessor
+from mllm_safety.model.llava_hf import LlavaHFConfig, load_llava_hf, load_llava_tokenizer
 from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer
+from mllm_safety.model.lora import LoraSettings, apply_lora
 from mllm_safety.model.mllm import IMAGE_TOKEN_ID, MultimodalLM
 from mllm_safety.model.projector import build_projector
-from mllm_safety.model.vision import OpenClipVisionEncoder, VisionConfig
+from mllm_safety.model.trainable import (
+    format_parameter_counts,
+    load_trainable,
+    parameter_counts,
+    save_trainable,
+    trainable_state_dict,
+)
+from mllm_safety.model.vision import VisionConfig, build_vision_encoder
 
-log = logging.getLogger(__name__)
+FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters on the LLM (the paper: r=128, alpha=256)."""
-
-    r: int = 128
-    """Rank of the adapters."""
-    alpha: int = 256
-    """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules of the LLM that get adapters; ``all-linear`` is every linear layer except ``lm_head`` (as LLaVA)."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora needs r >= 1, alpha > 0 and dropout in [0, 1); got {self}")
+__all__ = ["LoraSettings", "OptimSettings", "SafetyAlignModule", "TrainableParts"]
 
 
 @dataclass
@@ -72,77 +65,106 @@ class TrainableParts:
 
 
 class SafetyAlignModule(L.LightningModule):
-    """Finetunes a LLaVA-style MLLM on (rejection-swapped) instruction data."""
+    """Finetunes a LLaVA-style MLLM on (rejection-swapped) instruction data.
+
+    The model comes either from a llava-hf checkpoint (``llava``) or is assembled from an LLM, a vision tower and a
+    fresh projector (``llm`` + ``vision`` + ``projector``).
+    """
 
     def __init__(
         self,
-        llm: LLMConfig,
-        vision: VisionConfig,
-        projector: str = "mlp2x_gelu",
+        llm: LLMConfig | None = None,
+        vision: VisionConfig | None = None,
+        projector: str | None = None,
+        llava: LlavaHFConfig | None = None,
         max_length: int = 2048,
         lora: LoraSettings | None = LoraSettings(),
         trainable: TrainableParts = TrainableParts(),
         optim: OptimSettings = OptimSettings(),
         gradient_checkpointing: bool = False,
+        frozen_dtype: FrozenDtype = "float32",
     ) -> None:
         """
         Args:
-            llm: The language model.
-            vision: The vision tower.
-            projector: ``linear`` or ``mlpNx_gelu`` (LLaVA-1.5: ``mlp2x_gelu``).
+            llm: The language model (with ``vision``; leave unset with ``llava``).
+            vision: The vision tower (with ``llm``; leave unset with ``llava``).
+            projector: ``linear`` or ``mlpNx_gelu``; default ``mlp2x_gelu`` (LLaVA-1.5). Leave unset with ``llava``.
+            llava: A llava-hf checkpoint supplying vision tower, projector, LLM and tokenizer (the paper's models).
             max_length: Longest tokenized sample, image tokens included; longer ones are truncated.
             lora: LoRA adapters on the LLM; ``null`` for none.
             trainable: Which parts learn.
             optim: Optimizer and schedule.
             gradient_checkpointing: Recompute LLM activations in the backward pass to save memory.
+            frozen_dtype: Storage dtype of the frozen weights (vision tower, base LLM); trainable weights stay
+                float32 for the optimizer. ``bfloat16`` halves the memory of a 7B model and needs
+                ``trainer.precision: bf16-mixed``.
         """
         super().__init__()
         self.optim = optim
+        self.lora_settings = lora
+        self.frozen_dtype = frozen_dtype
+        if llava is not None and (llm is not None or vision is not None or projector is not None):
+            raise ValueError(
+                "model.llava supplies the LLM, vision tower and projector; leave model.llm, model.vision and "
+                "model.projector unset"
+            )
+        if llava is None and (llm is None or vision is None):
+            raise ValueError("set model.llava (a llava-hf checkpoint), or model.llm and model.vision")
         if lora is not None and trainable.llm:
             raise ValueError("trainable.llm=true trains every LLM weight; it cannot be combined with lora")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if frozen_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown frozen_dtype {frozen_dtype!r}; use float32, bfloat16 or float16")
         self.save_hyperparameters()
 
-        tokenizer = load_tokenizer(llm)
-        vision_encoder = OpenClipVisionEncoder(vision)
-        language_model = load_llm(llm, tokenizer, dtype=torch.float32)
-        if gradient_checkpointing:
-            language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        llm_size = language_model.get_input_embeddings().embedding_dim
-        self.model = MultimodalLM(
-            vision_encoder, build_projector(projector, vision_encoder.hidden_size, llm_size), language_model
-        )
-        self.model.requires_grad_(False)
-        self.model.vision.requires_grad_(trainable.vision)
-        self.model.projector.requires_grad_(trainable.projector)
-        self.model.llm.requires_grad_(trainable.llm)
-        if lora is not None:
-            self.model.llm = get_peft_model(
-                language_model,
-                LoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                    task_type="CAUSAL_LM",
-                ),
-            )
+        dtype = getattr(torch, frozen_dtype)
+        if llava is not None:
+            model = load_llava_hf(llava.path, dtype, llava.image_aspect_ratio, llava.load_weights, **llava.extra_kwargs)
+            tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
+        else:
+            model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
+        self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
         self.model.train()  # from_pretrained leaves the LLM in eval mode; evaluation switches modes explicitly
         self.processor = MultimodalProcessor(
-            ChatEncoder(tokenizer, vision_encoder.num_tokens, IMAGE_TOKEN_ID, max_length),
-            vision_encoder.image_transform,
-            vision_encoder.image_size,
+            ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length),
+            model.vision.image_transform,
+            model.vision.image_size,
         )
-        trainable_count = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total_count = sum(p.numel() for p in self.parameters())
-        log.info(
-            "trainable parameters: %d of %d (%.2f%%)", trainable_count, total_count, 100 * trainable_count / total_count
-        )
-        if trainable_count == 0:
+        # Counted before any sharding, so the figures are the model's, not one rank's.
+        self.parameter_counts = parameter_counts(self.model)
+        if self.parameter_counts["all"][0] == 0:
             raise ValueError("nothing to train: enable lora or at least one of trainable.{vision,projector,llm}")
         # Checkpoints hold only what trains (see on_save_checkpoint), so loading must accept the frozen rest missing.
         self.strict_loading = False
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if self.frozen_dtype != "float32" and precision in ("32-true", "32", "64-true", "64"):
+            raise ValueError(
+                f"model.frozen_dtype={self.frozen_dtype} stores frozen weights in low precision, which needs "
+                f"trainer.precision bf16-mixed (or 16-mixed); got {precision}"
+            )
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"parameters: {format_parameter_counts(self.parameter_counts)}")
+        trainable, total = self.parameter_counts["all"]
+        for logger in self.loggers:
+            logger.log_hyperparams({"parameters/trainable": trainable, "parameters/total": total})
+
+    def load_trainable(self, path: str | Path) -> list[str]:
+        """Put the weights of a trainable-weights file (``save_trainable``) back into this model."""
+        return load_trainable(self.model, path)
+
+    def save_trainable(self, path: str | Path, write: bool = True) -> None:
+        """Write the trainable weights, LoRA settings and chat template to one safetensors file.
+
+        Every rank must call this (sharded weights are gathered); only ranks with ``write`` write the file.
+        """
+        state = trainable_state_dict(self.model)
+        if write:
+            template = self.processor.tokenizer.chat_template
+            save_trainable(self.model, path, lora=self.lora_settings, chat_template=template, state=state)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(**batch.model_inputs())
@@ -180,3 +202,33 @@ class SafetyAlignModule(L.LightningModule):
         """Keep only trainable weights: the frozen vision tower and base LLM are rebuilt from their configs."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def _assemble(
+    llm: LLMConfig, vision: VisionConfig, projector: str, dtype: torch.dtype
+) -> tuple[MultimodalLM, PreTrainedTokenizerBase]:
+    """An MLLM from separate parts: an LLM, a vision tower and a freshly initialised projector."""
+    tokenizer = load_tokenizer(llm)
+    vision_encoder = build_vision_encoder(vision, dtype)
+    language_model = load_llm(llm, tokenizer, dtype=dtype)
+    llm_size = language_model.get_input_embeddings().embedding_dim
+    projector_module = build_projector(projector, vision_encoder.hidden_size, llm_size)
+    return MultimodalLM(vision_encoder, projector_module, language_model, IMAGE_TOKEN_ID), tokenizer
+
+
+def _prepare_training(
+    model: MultimodalLM, lora: LoraSettings | None, trainable: TrainableParts, gradient_checkpointing: bool
+) -> MultimodalLM:
+    """Freeze per part, add LoRA adapters, enable checkpointing; trainable weights are float32 for the optimizer."""
+    if gradient_checkpointing:
+        model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(False)
+    model.vision.requires_grad_(trainable.vision)
+    model.projector.requires_grad_(trainable.projector)
+    model.llm.requires_grad_(trainable.llm)
+    if lora is not None:
+        model.llm = apply_lora(model.llm, lora)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model

@@ -1,0 +1,79 @@
+"""LoRA adapters on the language model, and folding them back into plain weights for export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import PreTrainedModel
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the LLM (the paper: r=128, alpha=256)."""
+
+    r: int = 128
+    """Rank of the adapters."""
+    alpha: int = 256
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules of the LLM that get adapters: ``all-linear`` is every linear layer of the LLM except ``lm_head`` (as
+    LLaVA; the projector and the vision tower never get adapters), or a list of module-name suffixes such as
+    ``[q_proj, v_proj]``."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora needs r >= 1, alpha > 0 and dropout in [0, 1); got {self}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules is empty; use 'all-linear' or name at least one module")
+
+
+def apply_lora(llm: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap ``llm`` with fresh adapters; only the adapters require gradients afterwards (kept in float32 by peft)."""
+    return get_peft_model(
+        llm,
+        LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=settings.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def merged_llm_tensors(llm: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of the causal LM under its own names, with active LoRA adapters folded in.
+
+    The model itself is left untouched (peft's ``merge_and_unload`` would modify it in place, and unmerging is not
+    exact in low precision): each adapted weight is computed as ``W + scale * B @ A`` in float32 and cast back.
+    """
+    if not isinstance(llm, PeftModel):
+        return dict(named_tensors(llm))
+    base = llm.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                deltas[f"{name}.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in named_tensors(base):
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        if name in deltas:
+            tensor = (tensor.float() + deltas[name].to(tensor.device)).to(tensor.dtype)
+        tensors[name] = tensor
+    return tensors
+
+
+def named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter (detached) and buffer, persistent or not, tied ones under each of their names."""
+    yield from ((name, p.detach()) for name, p in module.named_parameters(remove_duplicate=False))
+    yield from module.named_buffers(remove_duplicate=False)
