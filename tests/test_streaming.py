@@ -121,3 +121,8 @@ def test_resampled_mode_reads_shards_without_manifest(uneven, tokenizer):
 def test_too_few_samples_for_the_slots_is_a_clear_error(uneven, tokenizer):
     with pytest.raises(ValueError, match="46 samples per epoch cannot be shared by 16 ranks x 4 workers"):
         stream(uneven, tokenizer, world_size=16, num_workers=4)
+
+
+def test_a_loader_with_other_workers_than_the_split_is_refused(uneven, tokenizer):
+    with pytest.raises(RuntimeError, match="split for 2 workers per rank but the DataLoader runs 0"):
+        list(EpochLoader(stream(uneven, tokenizer, num_workers=2), lambda: 0))

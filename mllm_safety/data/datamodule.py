@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import lightning as L
 import torch
@@ -128,10 +129,10 @@ class SafetyDataModule(L.LightningDataModule):
             selected = select_samples(entries, self.mixture, self.seed)
             self.pieces = [ShardSlice(s.path, s.positions, s.ids) for s in selected]
             ids = eligible_ids(selected, self.rejection.sources)
-            counts: dict[str, int] = {}
-            for s in selected:
-                counts[s.source] = counts.get(s.source, 0) + len(s.ids)
-            rank_zero_info(f"training samples per source: {counts}")
+            counts: Counter[str] = Counter()
+            for shard in selected:
+                counts[shard.source] += len(shard.ids)
+            rank_zero_info(f"training samples per source: {dict(counts)}")
         donors = None
         if self.rejection.image == "other" and self.rejection_ratio > 0:
             donors = first_images(self.pieces, self.donor_images)

@@ -161,6 +161,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
+        if (worker.num_workers if worker is not None else 1) != self.workers_per_rank:
+            raise RuntimeError(
+                f"the stream was split for {self.workers_per_rank} workers per rank but the DataLoader runs "
+                f"{worker.num_workers if worker is not None else 0}; give both the same num_workers"
+            )
         slot = self.rank * self.workers_per_rank + (worker.id if worker is not None else 0)
         epoch = int(self._epoch)
         skipped: Counter[str] = Counter()
