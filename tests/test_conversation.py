@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from mllm_safety.data.conversation import ChatEncoder, SampleError, parse_llava_record
@@ -83,3 +85,44 @@ def test_truncation_never_cuts_the_image_and_keeps_a_reply(tokenizer):
         ChatEncoder(tokenizer, 10, -200, max_length=image_end - 1).encode(conv)
     with pytest.raises(SampleError, match="no reply token"):
         ChatEncoder(tokenizer, 10, -200, max_length=image_end + 3).encode(conv)
+
+
+CONVERSATIONS = [
+    record("<image>\nWhat is this?", "A red circle."),
+    record(
+        "Describe it.\n<image>",
+        "  Leading spaces, trailing newline.\n",
+        "And then?",
+        "Nothing more.",
+        "Why?",
+        "Because.",
+    ),
+    record("  padded question  ", "An answer with <|im_end|> inside?", "Again", "Once more."),
+    record("Yes.", "Yes."),
+]
+
+
+@pytest.mark.parametrize("rec", CONVERSATIONS)
+def test_laid_out_turns_match_turn_by_turn_rendering(tokenizer, rec):
+    image = IMAGE if "<image>" in rec["conversations"][0]["value"] else None
+    conv = parse_llava_record(rec, image)
+    fast = ChatEncoder(tokenizer, 3, -200)
+    slow = ChatEncoder(tokenizer, 3, -200)
+    slow.shape = None
+    assert fast.shape is not None, "SmolLM2's template is regular"
+    assert fast.encode(conv) == slow.encode(conv)
+
+
+def test_a_template_that_rewrites_content_falls_back_to_rendering(tokenizer):
+    trimming = copy.deepcopy(tokenizer)
+    trimming.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoder = ChatEncoder(trimming, 3, -200)
+    assert encoder.shape is not None
+    conv = parse_llava_record(record("  spaced out  ", " reply "), None)
+    slow = ChatEncoder(trimming, 3, -200)
+    slow.shape = None
+    assert encoder.encode(conv) == slow.encode(conv)
+    assert "spaced out<|im_end|>" in tokenizer.decode([i for i in encoder.encode(conv).input_ids if i >= 0])

@@ -1,7 +1,10 @@
+import numpy as np
 import pytest
+from data_helpers import png_bytes
+from PIL import Image
 
 from mllm_safety.data.conversation import Conversation
-from mllm_safety.data.rejection import PAPER_REJECTION, RejectionConfig, RejectionSwap
+from mllm_safety.data.rejection import PAPER_REJECTION, REFUSAL_POOL, RejectionConfig, RejectionSwap
 
 IDS = [f"sample-{i:05d}" for i in range(2000)]
 
@@ -22,16 +25,17 @@ def test_fraction_without_ids_is_close_to_ratio():
     assert abs(sum(swap.is_swapped(i) for i in IDS) / len(IDS) - 0.3) < 0.04
 
 
+def swapped_set(ratio, ids, seed=0):
+    swap = RejectionSwap(ratio, RejectionConfig(seed=seed), ids=ids)
+    return {i for i in IDS if swap.is_swapped(i)}
+
+
 @pytest.mark.parametrize("ids", [IDS, None])
 def test_swapped_sets_are_nested_and_deterministic(ids):
-    sets = [{i for i in IDS if RejectionSwap(r, RejectionConfig(), ids=ids).is_swapped(i)} for r in (0.1, 0.2, 0.5)]
-    assert sets[0] <= sets[1] <= sets[2]
-    again = {
-        i for i in IDS if RejectionSwap(0.2, RejectionConfig(), ids=list(reversed(IDS)) if ids else None).is_swapped(i)
-    }
-    assert again == sets[1], "the choice must not depend on sample order"
-    other_seed = {i for i in IDS if RejectionSwap(0.2, RejectionConfig(seed=1), ids=ids).is_swapped(i)}
-    assert other_seed != sets[1]
+    sets = [swapped_set(r, ids) for r in (0.1, 0.2, 0.5)]
+    assert sets[0] < sets[1] < sets[2]
+    assert swapped_set(0.2, list(reversed(IDS)) if ids else None) == sets[1], "the choice must not depend on order"
+    assert swapped_set(0.2, ids, seed=1) != sets[1]
 
 
 def test_swap_keeps_one_turn_puts_image_first_and_drops_eos_learning():
@@ -56,3 +60,84 @@ def test_unswapped_sample_is_untouched():
 def test_ratio_outside_unit_interval_is_rejected(ratio):
     with pytest.raises(ValueError, match=f"got {ratio}"):
         RejectionSwap(ratio, RejectionConfig())
+
+
+def image_conversation(sample_id="x", colour="red", size=(40, 30)):
+    return Conversation(
+        sample_id, (("<image>\nWhat is this?", "A box."), ("More?", "No.")), Image.new("RGB", size, colour)
+    )
+
+
+def test_reply_pool_is_sampled_per_sample_and_fixed_by_seed_and_id():
+    config = RejectionConfig(reply="pool")
+    replies = {RejectionSwap(1.0, config)(conversation(f"s{k}")).turns[0][1] for k in range(200)}
+    assert replies == set(REFUSAL_POOL)
+    assert RejectionSwap(1.0, config)(conversation("s7")).turns == RejectionSwap(1.0, config)(conversation("s7")).turns
+
+
+def test_reply_with_a_short_reason():
+    config = RejectionConfig(reply="reason", reasons=["It is unsafe.", "It could hurt someone."])
+    replies = {RejectionSwap(1.0, config)(conversation(f"s{k}")).turns[0][1] for k in range(50)}
+    assert replies == {f"{PAPER_REJECTION} It is unsafe.", f"{PAPER_REJECTION} It could hurt someone."}
+
+
+@pytest.mark.parametrize("mode", ["blank", "noise", "other", "drop"])
+def test_image_ablations_change_only_swapped_samples(mode):
+    donors = [(f"d{k}", png_bytes(colour)) for k, colour in enumerate(["blue", "green", "yellow"])]
+    swap = RejectionSwap(0.5, RejectionConfig(image=mode), ids=[f"s{k}" for k in range(40)], donors=donors)
+    for k in range(40):
+        original = image_conversation(f"s{k}")
+        result = swap(original)
+        if not swap.is_swapped(original.id):
+            assert result is original
+            continue
+        assert result.turns[0][1] == PAPER_REJECTION
+        if mode == "drop":
+            assert result.image is None and result.turns == (("What is this?", PAPER_REJECTION),)
+            continue
+        assert result.turns[0][0] == "<image>\nWhat is this?"
+        pixels = np.asarray(result.image.convert("RGB"))
+        if mode == "blank":
+            assert result.image.size == (40, 30) and (pixels == 255).all()
+        elif mode == "noise":
+            assert result.image.size == (40, 30) and pixels.std() > 50
+            assert np.array_equal(pixels, np.asarray(swap(image_conversation(f"s{k}")).image)), "fixed by (seed, id)"
+        else:
+            assert tuple(pixels[0, 0]) in {(0, 0, 255), (0, 128, 0), (255, 255, 0)}
+
+
+def test_other_image_is_spread_over_donors_and_never_the_sample_own():
+    donors = [(f"s{k}", png_bytes(colour)) for k, colour in enumerate(["blue", "green"])]
+    swap = RejectionSwap(1.0, RejectionConfig(image="other"), donors=donors)
+    seen = {tuple(np.asarray(swap(image_conversation(f"x{k}")).image)[0, 0]) for k in range(30)}
+    assert seen == {(0, 0, 255), (0, 128, 0)}
+    assert tuple(np.asarray(swap(image_conversation("s0")).image)[0, 0]) == (0, 128, 0), "not its own image"
+
+
+def test_text_only_samples_keep_no_image_under_every_ablation():
+    for mode in ("blank", "noise", "drop"):
+        assert RejectionSwap(1.0, RejectionConfig(image=mode))(conversation("t")).image is None
+
+
+def test_without_ids_only_named_sources_are_swapped():
+    swap = RejectionSwap(1.0, RejectionConfig(sources=["med"]))
+    assert not swap.is_swapped("a", "llava") and swap.is_swapped("a", "med")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sentence": " "}, "must not be empty"),
+        ({"reply": "pool", "pool": []}, "rejection.pool must hold"),
+        ({"reasons": ["fine", ""]}, "rejection.reasons must hold"),
+        ({"sources": []}, "rejection.sources is empty"),
+    ],
+)
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        RejectionConfig(**options)
+
+
+def test_other_image_needs_donors():
+    with pytest.raises(ValueError, match="needs at least two donor images"):
+        RejectionSwap(0.5, RejectionConfig(image="other"), donors=[("a", png_bytes())])

@@ -7,6 +7,7 @@ import webdataset as wds
 from PIL import Image
 
 from mllm_safety.data import synthetic
+from mllm_safety.data.manifest import Manifest
 from mllm_safety.data.synthetic import COLOURS, ensure_demo_shards, generate_demo_samples, write_demo_shards
 
 NUMBERS = {"no": 0, "one": 1, "two": 2, "three": 3}
@@ -132,14 +133,16 @@ def test_rejects_images_too_small_to_show_shapes():
 def test_shards_read_back_with_webdataset(tmp_path):
     shards = write_demo_shards(tmp_path / "demo", num_samples=40, seed=1, shard_size=16, image_size=64)
     assert [p.name for p in shards] == ["demo-000000.tar", "demo-000001.tar", "demo-000002.tar"]
-    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
-    assert manifest["num_samples"] == 40 and manifest["seed"] == 1 and manifest["image_size"] == 64
-    assert manifest["shards"] == [p.name for p in shards]
+    manifest = Manifest.read(tmp_path / "demo")
+    assert manifest.num_samples == 40 and manifest.sources == {"demo": 40}
+    assert manifest.params["demo"]["seed"] == 1 and manifest.params["demo"]["image_size"] == 64
+    assert [entry.name for entry in manifest.shards] == [p.name for p in shards]
     read = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     expected = list(generate_demo_samples(40, seed=1, image_size=64))
-    assert [s["__key__"] for s in read] == manifest["ids"] == [e.record["id"] for e in expected]
+    ids = [sample_id for entry in manifest.shards for sample_id in entry.ids]
+    assert ids == [json.loads(s["json"])["id"] for s in read] == [e.record["id"] for e in expected]
     for got, want in zip(read, expected, strict=True):
-        assert json.loads(got["json"]) == want.record
+        assert json.loads(got["json"]) == want.record | {"source": "demo"}
         assert got.get("png") == want.png
 
 
@@ -157,7 +160,7 @@ def test_changed_parameters_or_missing_shard_regenerate(tmp_path):
     assert all(p.is_file() for p in write_demo_shards(out, num_samples=20, shard_size=8, image_size=64))
     resized = write_demo_shards(out, num_samples=12, shard_size=8, image_size=64)
     assert len(resized) == 2 and not (out / "demo-000002.tar").exists()
-    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 12
+    assert Manifest.read(out).num_samples == 12
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
@@ -174,5 +177,5 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_ensure_names_the_cache_folder_by_parameters(tmp_path):
     shards = ensure_demo_shards(tmp_path, num_samples=8, seed=2, image_size=64)
-    assert shards[0].parent == tmp_path / "demo-n8-s2-px64"
+    assert shards[0].parent == tmp_path / "demo-v2-n8-s2-px64"
     assert ensure_demo_shards(tmp_path, num_samples=8, seed=2, image_size=64) == shards

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,14 +16,32 @@ IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 
+SKIP_REASONS: dict[str, str] = {
+    "bad_json": "the .json member is missing, not JSON, or not an object",
+    "bad_conversation": "the turns do not alternate human/assistant with string values",
+    "no_reply": "no assistant turn to learn from",
+    "bad_image": "the image is unreadable, or the <image> placeholders do not match the image",
+    "missing_image": "the record names an image file that does not exist",
+    "too_long": "longer than max_length without a way to truncate (the image or every reply token would be cut)",
+    "template": "the chat template cannot render the conversation turn by turn",
+    "corrupt_tar": "the shard is damaged: samples after the damage could not be read",
+}
+"""Why a sample can be skipped; each reason is counted and logged as ``data/skipped_<reason>``."""
+
+
 class SampleError(ValueError):
-    """A sample that cannot be trained on; ``reason`` is a short tag used to count skipped samples."""
+    """A sample that cannot be trained on; ``reason`` (one of :data:`SKIP_REASONS`) tags it for counting."""
 
     def __init__(self, sample_id: str, reason: str, detail: str) -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to SKIP_REASONS")
         super().__init__(f"sample {sample_id!r}: {detail}")
         self.sample_id = sample_id
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # picklable across worker processes (the default pickles only the message)
+        return (SampleError, (self.sample_id, self.reason, self.detail))
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,8 @@ class Conversation:
     """The replies were swapped for a rejection sentence."""
     learn_end_marker: bool = True
     """Learn the end-of-turn token after each reply (the paper leaves it out for rejections)."""
+    source: str | None = None
+    """The data source the sample came from (a name given at conversion), for source-limited rejection swaps."""
 
     def with_turns(
         self, turns: tuple[tuple[str, str], ...], is_rejection: bool, learn_end_marker: bool
@@ -78,7 +99,54 @@ def parse_llava_record(record: dict[str, Any], image: Image.Image | None) -> Con
         raise SampleError(sample_id, "bad_image", f"has an {IMAGE_PLACEHOLDER} placeholder but no image")
     if placeholders == 0 and image is not None:
         raise SampleError(sample_id, "bad_image", f"has an image but no {IMAGE_PLACEHOLDER} placeholder in its prompt")
-    return Conversation(id=sample_id, turns=tuple(turns), image=image)
+    source = record.get("source")
+    return Conversation(
+        id=sample_id, turns=tuple(turns), image=image, source=source if isinstance(source, str) else None
+    )
+
+
+@dataclass(frozen=True)
+class TemplateShape:
+    """The fixed text a chat template puts around user contents and replies, learned from one probe rendering.
+
+    With it a conversation is laid out by concatenation instead of two template renderings per turn; one rendering
+    of the whole conversation then confirms the layout (see :meth:`ChatEncoder.turn_texts`).
+    """
+
+    first_prompt: str
+    """Before the first user content: system prompt, user header."""
+    generation: str
+    """After a user content: its footer and the assistant header (the generation prompt)."""
+    between: str
+    """After a reply and before the next user content."""
+    after_last: str
+    """After the last reply: end of turn and whatever closes the text."""
+
+    @classmethod
+    def probe(cls, render: Callable[[list[dict[str, str]], bool], str]) -> TemplateShape | None:
+        """The shape of ``render(messages, add_generation_prompt)``, or ``None`` if it is not this regular."""
+        u1, r1, u2, r2 = "QXUSERONEQX", "QXREPLYONEQX", "QXUSERTWOQX", "QXREPLYTWOQX"
+        one = [{"role": "user", "content": u1}]
+        two = [*one, {"role": "assistant", "content": r1}, {"role": "user", "content": u2}]
+        p1, f1 = render(one, True), render([*one, {"role": "assistant", "content": r1}], False)
+        p2, f2 = render(two, True), render([*two, {"role": "assistant", "content": r2}], False)
+        if p1.count(u1) != 1 or p2.count(u2) != 1:
+            return None
+        first_prompt, generation = p1.split(u1)
+        head = first_prompt + u1 + generation + r1
+        between = p2[len(head) : p2.index(u2)]
+        shape = cls(first_prompt, generation, between, f1[len(head) :])
+        composed = shape.turn_texts([(u1, r1), (u2, r2)])
+        return shape if composed == [(p1, f1), (p2, f2)] else None
+
+    def turn_texts(self, turns: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        """For each turn, the text up to its generation prompt and the whole text ending with its reply."""
+        texts, text = [], self.first_prompt
+        for index, (human, reply) in enumerate(turns):
+            prompt = text + (self.between if index else "") + human + self.generation
+            texts.append((prompt, prompt + reply + self.after_last))
+            text = prompt + reply
+        return texts
 
 
 @dataclass
@@ -111,46 +179,80 @@ class ChatEncoder:
         self._content_parts = _template_reads_content_parts(tokenizer)
         self._placeholder_id = _placeholder_token_id(tokenizer)
         self._bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
+        self.shape = TemplateShape.probe(self._render)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self._content_parts:
             messages = [m | {"content": [{"type": "text", "text": m["content"]}]} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def turn_texts(self, conversation: Conversation) -> list[tuple[str, str]]:
+        """For each turn, the rendered text up to its generation prompt and up to the end of its reply's turn.
+
+        Laid out from the template's shape when the template is regular and one rendering of the whole
+        conversation agrees; otherwise rendered turn by turn (two renderings per turn).
+        """
+        messages: list[dict[str, str]] = []
+        for human, reply in conversation.turns:
+            messages += [{"role": "user", "content": human}, {"role": "assistant", "content": reply}]
+        if self.shape is not None:
+            texts = self.shape.turn_texts(conversation.turns)
+            if texts[-1][1] == self._render(messages, add_generation_prompt=False):
+                return texts
+        return [
+            (self._render(messages[: 2 * k + 1], True), self._render(messages[: 2 * k + 2], False))
+            for k in range(len(conversation.turns))
+        ]
+
     def _tokens(self, text: str) -> list[int]:
+        return self._tokens_batch([text])[0]
+
+    def _tokens_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, ``<image>`` expanded to the image tokens, in one batched tokenizer call."""
+        image = [self.image_token_id] * self.num_image_tokens
         if self._placeholder_id is not None:
-            # The tokenizer knows <image>: tokenize the text in one piece, as transformers' processors do (pieces
+            # The tokenizer knows <image>: tokenize each text in one piece, as transformers' processors do (pieces
             # tokenized apart get an extra prefix space from sentencepiece-style tokenizers), then expand it.
-            ids = []
-            for token in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
-                ids += [self.image_token_id] * self.num_image_tokens if token == self._placeholder_id else [token]
-            return ids
-        ids: list[int] = []
-        for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if index:
-                ids += [self.image_token_id] * self.num_image_tokens
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+            expanded = []
+            for ids in self._tokenize(texts):
+                if self._placeholder_id in ids:
+                    ids = [t for token in ids for t in (image if token == self._placeholder_id else [token])]
+                expanded.append(ids)
+            return expanded
+        parts = [text.split(IMAGE_PLACEHOLDER) for text in texts]
+        tokenized = iter(self._tokenize([piece for pieces in parts for piece in pieces if piece]))
+        expanded = []
+        for pieces in parts:
+            ids: list[int] = []
+            for index, piece in enumerate(pieces):
+                if index:
+                    ids += image
+                if piece:
+                    ids += next(tokenized)
+            expanded.append(ids)
+        return expanded
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _tokenize_spans(self, spans: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of ``(text, learned)`` spans after the BOS a template may lack; image tokens are
+        never learned."""
+        input_ids: list[int] = list(self._bos)
+        labels: list[int] = [IGNORE_INDEX] * len(self._bos)
+        for (_, learn), ids in zip(spans, self._tokens_batch([text for text, _ in spans]), strict=True):
+            input_ids += ids
+            if learn and self.image_token_id not in ids:
+                labels += ids
+            else:
+                labels += [t if learn and t != self.image_token_id else IGNORE_INDEX for t in ids]
+        return input_ids, labels
 
     def encode(self, conversation: Conversation) -> EncodedSample:
-        messages: list[dict[str, str]] = []
-        input_ids: list[int] = []
-        labels: list[int] = []
-        rendered = ""  # the text covered by input_ids so far
-        input_ids += self._bos
-        labels += [IGNORE_INDEX] * len(self._bos)
+        spans: list[tuple[str, bool]] = []
+        rendered = ""  # the text covered by spans so far
 
-        def add(text: str, learn: bool) -> None:
-            ids = self._tokens(text)
-            input_ids.extend(ids)
-            labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
-
-        for human, reply in conversation.turns:
-            messages += [{"role": "user", "content": human}]
-            prompt = self._render(messages, add_generation_prompt=True)
-            messages += [{"role": "assistant", "content": reply}]
-            full = self._render(messages, add_generation_prompt=False)
+        for (_, reply), (prompt, full) in zip(conversation.turns, self.turn_texts(conversation), strict=True):
             body_end = full.find(reply.strip(), len(prompt)) + len(reply.strip())
             if (
                 not prompt.startswith(rendered)
@@ -164,11 +266,14 @@ class ChatEncoder:
                     "(each turn's prompt must extend the previous text); set llm.chat_template",
                 )
             end_marker = full[body_end:].rstrip()
-            add(prompt[len(rendered) :], learn=False)
-            add(full[len(prompt) : body_end], learn=True)
-            add(end_marker, learn=conversation.learn_end_marker)
+            spans += [
+                (prompt[len(rendered) :], False),
+                (full[len(prompt) : body_end], True),
+                (end_marker, conversation.learn_end_marker),
+            ]
             rendered = full[: body_end + len(end_marker)]
 
+        input_ids, labels = self._tokenize_spans(spans)
         return self._truncate(conversation, input_ids, labels)
 
     def _truncate(self, conversation: Conversation, input_ids: list[int], labels: list[int]) -> EncodedSample:
@@ -180,7 +285,7 @@ class ChatEncoder:
                     f"{len(input_ids)} tokens; truncating to max_length={self.max_length} would cut the image",
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        if labels[1:].count(IGNORE_INDEX) == len(labels) - 1:
             raise SampleError(conversation.id, "too_long", f"no reply token left within max_length={self.max_length}")
         return EncodedSample(id=conversation.id, input_ids=input_ids, labels=labels, image=conversation.image)
 

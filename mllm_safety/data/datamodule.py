@@ -1,50 +1,24 @@
-"""The training data: webdataset shards -> safe decode -> rejection swap -> tokenize -> padded batches."""
+"""The training data: shards -> selection (mixture) -> safe decode -> rejection swap -> tokenize -> even batches."""
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections import Counter
-from collections.abc import Iterator
 
 import lightning as L
-import webdataset as wds
-from torch.utils.data import DataLoader
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mllm_safety.data.conversation import Conversation, SampleError
-from mllm_safety.data.processor import ModelSample, MultimodalProcessor
+from mllm_safety.data.processor import Batch, MultimodalProcessor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
-from mllm_safety.data.shards import decode_sample, expand_shards, read_manifest
+from mllm_safety.data.selection import eligible_ids, select_samples
+from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
+from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode
 from mllm_safety.data.synthetic import ensure_demo_shards
 from mllm_safety.model.llm import cache_dir
 
-log = logging.getLogger(__name__)
-
-
-class SampleStream:
-    """The per-sample part of the pipeline, skipping (and counting) samples that cannot be trained on.
-
-    A picklable callable so that each DataLoader worker gets its own copy.
-    """
-
-    def __init__(self, processor: MultimodalProcessor, swap: RejectionSwap, skip_bad_samples: bool) -> None:
-        self.processor = processor
-        self.swap = swap
-        self.skip_bad_samples = skip_bad_samples
-        self.skipped: Counter[str] = Counter()
-
-    def process(self, raw: dict) -> ModelSample:
-        conversation: Conversation = decode_sample(raw)
-        return self.processor(self.swap(conversation))
-
-    def __call__(self, raws: Iterator[dict]) -> Iterator[ModelSample]:
-        for raw in raws:
-            try:
-                yield self.process(raw)
-            except SampleError as error:
-                if not self.skip_bad_samples:
-                    raise
-                self.skipped[error.reason] += 1
-                log.warning("skipped %s (%s so far: %d)", error, error.reason, self.skipped[error.reason])
+# The stream gives every worker its own share and reports its exact length; Lightning warns about any such dataset.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class SafetyDataModule(L.LightningDataModule):
@@ -58,49 +32,78 @@ class SafetyDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         rejection_ratio: float = 0.0,
-        rejection: RejectionConfig | None = None,
+        rejection: RejectionConfig = RejectionConfig(),
+        mixture: dict[str, int | None] | None = None,
         batch_size: int = 8,
         num_workers: int = 1,
-        shuffle_buffer: int = 256,
-        seed: int = 0,
+        mode: StreamMode = "exact",
         num_samples: int | None = None,
+        shuffle_buffer: int = 256,
+        group_by_length: bool = True,
+        group_buffer: int = 16,
+        seed: int = 0,
         skip_bad_samples: bool = True,
         demo_samples: int = 512,
+        donor_images: int = 64,
     ) -> None:
         """
         Args:
             train_shards: Shard paths, brace or glob patterns (``/data/llava-{000..099}.tar``). ``None`` generates
                 the project's demo set (synthetic images with benign Q&A) on first use.
-            rejection_ratio: Fraction r of samples whose reply is swapped for the rejection sentence.
-            rejection: How replies are swapped (sentence, seed, turns kept, end-of-turn learning).
+            rejection_ratio: Fraction r of the eligible samples (``rejection.sources``) whose reply is swapped for
+                a rejection: exactly round(r·N) of them when the shards have a manifest.
+            rejection: How replies are swapped (sentence or pool, turns kept, end-of-turn learning, image
+                ablation, eligible sources, seed).
+            mixture: Samples per source, e.g. ``{llava: 5000, med: 2000}`` (``null`` for all of a source); sources
+                not named are left out. ``null`` uses every sample. Needs a manifest.
             batch_size: Samples per batch on each device.
             num_workers: DataLoader worker processes per device.
-            shuffle_buffer: Samples held in the shuffle buffer (0 disables sample shuffling).
-            seed: Seed of shard and sample shuffling.
-            num_samples: Samples in the shards, for the epoch length; read from the shards' ``manifest.json`` when
-                not given.
-            skip_bad_samples: Skip and count samples that cannot be used (bad JSON, missing image, no reply, too
-                long) with a warning naming each, instead of stopping the run.
+            mode: ``exact``: every selected sample once per epoch, split evenly over ranks and workers (needs a
+                manifest); ``resampled``: shards drawn with replacement for an endless stream, ``num_samples`` a
+                epoch.
+            num_samples: Samples per epoch in resampled mode (default: the selected samples).
+            shuffle_buffer: Samples held in each worker's shuffle buffer (0 keeps storage order within a shard).
+            group_by_length: Batch samples of similar length together to cut padding.
+            group_buffer: Batches pooled and sorted by length when grouping.
+            seed: Seed of the mixture, shard order and sample shuffling (varied per epoch).
+            skip_bad_samples: Skip and count samples that cannot be used (bad JSON or image, no reply, too long,
+                damaged shard), logged as ``data/skipped_<reason>``, instead of stopping the run.
             demo_samples: Size of the generated demo set when ``train_shards`` is ``None``.
+            donor_images: Images collected from the data for ``rejection.image: other``.
         """
         super().__init__()
-        self.rejection = rejection or RejectionConfig()
+        self.rejection = rejection
         self.rejection_ratio = rejection_ratio
         RejectionSwap(rejection_ratio, self.rejection)  # fail at configuration time, not after the model loads
-        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be >= 1, num_workers ({num_workers}) and shuffle_buffer "
-                f"({shuffle_buffer}) >= 0"
+        problems = [
+            f"{name} must be >= {low}, got {value}"
+            for name, value, low in (
+                ("batch_size", batch_size, 1),
+                ("num_workers", num_workers, 0),
+                ("shuffle_buffer", shuffle_buffer, 0),
+                ("group_buffer", group_buffer, 1),
+                ("num_samples", num_samples if num_samples is not None else 1, 1),
+                ("donor_images", donor_images, 2),
             )
+            if value < low
+        ]
+        if mode == "exact" and num_samples is not None:
+            problems.append("num_samples sets the epoch of mode 'resampled'; exact mode takes it from the manifest")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.train_shards = train_shards
+        self.mixture = mixture
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
+        self.mode = mode
         self.num_samples = num_samples
+        self.shuffle_buffer = shuffle_buffer
+        self.group_batches = group_buffer if group_by_length else 1
+        self.seed = seed
         self.skip_bad_samples = skip_bad_samples
         self.demo_samples = demo_samples
-        self.shards: list[str] = []
+        self.donor_images = donor_images
+        self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
 
     def prepare_data(self) -> None:
@@ -109,39 +112,67 @@ class SafetyDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.train_shards is None:
-            self.shards = [str(p) for p in ensure_demo_shards(cache_dir() / "data", self.demo_samples, self.seed)]
+            shards = [str(p) for p in ensure_demo_shards(cache_dir() / "data", self.demo_samples, self.seed)]
         else:
-            self.shards = expand_shards(self.train_shards)
-        manifest = read_manifest(self.shards)
-        if self.num_samples is None:
-            if manifest is None:
+            shards = expand_shards(self.train_shards)
+        entries = manifest_entries(shards)
+        if entries is None:
+            if self.mode == "exact" or self.num_samples is None or self.mixture is not None:
                 raise ValueError(
-                    f"cannot tell how many samples {self.train_shards!r} hold: no manifest.json beside the shards; "
-                    "set data.num_samples"
+                    f"{self.train_shards!r} has no manifest.json beside the shards: convert them with "
+                    "`python -m mllm_safety.data.convert`, or set data.mode=resampled and data.num_samples "
+                    "(no mixture; rejection ratios then hold in expectation only)"
                 )
-            self.num_samples = int(manifest["num_samples"])
-        ids = manifest.get("ids") if manifest else None
-        self.swap = RejectionSwap(self.rejection_ratio, self.rejection, ids=ids)
+            self.pieces = [ShardSlice(shard) for shard in shards]
+            ids = None
+        else:
+            selected = select_samples(entries, self.mixture, self.seed)
+            self.pieces = [ShardSlice(s.path, s.positions, s.ids) for s in selected]
+            ids = eligible_ids(selected, self.rejection.sources)
+            counts: Counter[str] = Counter()
+            for shard in selected:
+                counts[shard.source] += len(shard.ids)
+            rank_zero_info(f"training samples per source: {dict(counts)}")
+        donors = None
+        if self.rejection.image == "other" and self.rejection_ratio > 0:
+            donors = first_images(self.pieces, self.donor_images)
+        self.swap = RejectionSwap(self.rejection_ratio, self.rejection, ids=ids, donors=donors)
+        if self.swap.chosen is not None:
+            rank_zero_info(f"rejection swap: {len(self.swap.chosen)} of {len(ids)} eligible samples")
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> EpochLoader:
         processor: MultimodalProcessor = self.trainer.lightning_module.processor
-        world_size = self.trainer.world_size
-        stream = SampleStream(processor, self.swap, self.skip_bad_samples)
-        stages = [
-            wds.SimpleShardList(self.shards),
-            wds.detshuffle(bufsize=len(self.shards), initial=len(self.shards), seed=self.seed),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-        ]
-        if self.shuffle_buffer:
-            stages.append(wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed))
-        stages.append(stream)
-        pipeline = wds.DataPipeline(*stages).with_length(self.num_samples // world_size, silent=True)
-        return DataLoader(
-            pipeline,
+        stream = ShardStream(
+            self.pieces,
+            processor,
+            self.swap,
             batch_size=self.batch_size,
-            collate_fn=processor.collate,
+            mode=self.mode,
+            samples_per_epoch=self.num_samples,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            group_batches=self.group_batches,
+            skip_bad_samples=self.skip_bad_samples,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            num_workers=self.num_workers,
+        )
+        if stream.repeated_per_epoch > 0.05 * stream.samples_per_epoch:
+            rank_zero_warn(
+                f"{stream.repeated_per_epoch} samples per epoch are repeats so that {stream.num_slots} rank x worker "
+                f"slots fill {stream.batches_per_slot} batches of {self.batch_size} each from "
+                f"{stream.samples_per_epoch} samples; fewer workers or a smaller batch repeat less"
+            )
+        return EpochLoader(
+            stream,
+            epoch_fn=lambda: self.trainer.current_epoch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Scale and normalize the ``uint8`` images on the device (see :class:`MultimodalProcessor`)."""
+        if isinstance(batch, Batch):
+            batch.pixel_values = self.trainer.lightning_module.processor.finish_pixels(batch.pixel_values)
+        return batch

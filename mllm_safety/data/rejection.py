@@ -1,24 +1,39 @@
 """The rejection swap: a deterministic fraction of benign samples get their reply replaced by a refusal.
 
 This is the whole method of Wang et al. (CVPR 2025): no harmful data, only benign instructions whose replies are
-sometimes "I'm sorry, but I cannot assist with your request".
+sometimes "I'm sorry, but I cannot assist with your request". The options reproduce the paper's comparison
+experiments (reply variants, image ablations, swapping within one source only); the defaults are the paper's choice.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+from mllm_safety.data.ablation import ImageAblation, ImageMode
 from mllm_safety.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from mllm_safety.data.selection import stable_uniform
 
 PAPER_REJECTION = "I'm sorry, but I cannot assist with your request."
+REFUSAL_POOL = (
+    PAPER_REJECTION,
+    "I'm sorry, but I can't help with that.",
+    "Sorry, I cannot help with this request.",
+    "I apologize, but I am unable to assist with that.",
+    "I'm afraid I can't help with that request.",
+)
+REFUSAL_REASONS = (
+    "It could be used to cause harm.",
+    "It may go against safety guidelines.",
+    "Helping with it could put people at risk.",
+    "It is not something I can responsibly help with.",
+)
 
 
 def swap_score(seed: int, sample_id: str) -> float:
     """A uniform number in [0, 1) fixed by (seed, sample id) alone: not by shard order, rank or worker."""
-    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return stable_uniform(seed, sample_id)
 
 
 @dataclass
@@ -26,30 +41,62 @@ class RejectionConfig:
     """How replies are swapped for a rejection (defaults follow the paper)."""
 
     sentence: str = PAPER_REJECTION
-    """The rejection reply."""
+    """The rejection reply (``reply: fixed``), or its first sentence (``reply: reason``)."""
     seed: int = 0
-    """Chooses which samples are swapped; the swapped set at a smaller ratio is a subset of the one at a larger."""
+    """Chooses which samples are swapped (and their pool sentence, reason, replacement image)."""
     keep_one_turn: bool = True
     """Keep only the first human turn of a swapped sample (the paper's choice)."""
     image_first: bool = True
     """Move ``<image>`` to the front of the prompt, followed by a newline (LLaVA's layout)."""
     learn_eos: bool = False
     """Learn the end-of-turn token after a rejection; the paper leaves it out of the loss."""
+    reply: Literal["fixed", "pool", "reason"] = "fixed"
+    """``fixed``: always ``sentence``; ``pool``: one sentence of ``pool`` per sample; ``reason``: ``sentence``
+    followed by one short reason of ``reasons`` per sample."""
+    pool: list[str] = field(default_factory=lambda: list(REFUSAL_POOL))
+    """Rejection sentences for ``reply: pool``."""
+    reasons: list[str] = field(default_factory=lambda: list(REFUSAL_REASONS))
+    """Short reasons appended for ``reply: reason``."""
+    image: ImageMode = "keep"
+    """What a swapped sample with an image shows: ``keep`` its image, a ``blank`` (white) one, uniform ``noise``,
+    an ``other`` sample's image, or none (``drop``: the sample becomes text-only)."""
+    sources: list[str] | None = None
+    """Swap only samples of these sources (names given at conversion); ``null``: any sample."""
 
     def __post_init__(self) -> None:
         if not self.sentence.strip():
             raise ValueError("rejection sentence must not be empty")
+        for name, texts in (("pool", self.pool), ("reasons", self.reasons)):
+            if not texts or not all(text.strip() for text in texts):
+                raise ValueError(f"rejection.{name} must hold at least one non-empty text, got {texts!r}")
+        if self.sources is not None and not self.sources:
+            raise ValueError("rejection.sources is empty: nothing could be swapped; use null for any source")
+
+    def reply_for(self, sample_id: str) -> str:
+        """The rejection reply of one sample."""
+        if self.reply == "fixed":
+            return self.sentence
+        choices = self.pool if self.reply == "pool" else self.reasons
+        choice = choices[int(stable_uniform("reply", self.seed, sample_id) * len(choices))]
+        return choice if self.reply == "pool" else f"{self.sentence} {choice}"
 
 
 class RejectionSwap:
     """Decides which samples are swapped and rewrites them.
 
-    With ``ids`` (every eligible sample id, e.g. from a shard manifest), exactly ``round(ratio * len(ids))``
-    samples are swapped: those with the smallest :func:`swap_score`. Without, each sample is swapped when its
-    score is below ``ratio``, which matches the fraction in expectation. Both choices are nested across ratios.
+    With ``ids`` (every eligible sample id, from a shard manifest), exactly ``round(ratio * len(ids))`` samples
+    are swapped: those with the smallest :func:`swap_score`. Without, each sample (of ``config.sources``, if set)
+    is swapped when its score is below ``ratio``, which matches the fraction in expectation. Both choices are nested
+    across ratios. ``donors`` are ``(id, encoded image)`` pairs for ``config.image: other``.
     """
 
-    def __init__(self, ratio: float, config: RejectionConfig, ids: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        config: RejectionConfig,
+        ids: Iterable[str] | None = None,
+        donors: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"rejection ratio must be in [0, 1], got {ratio}")
         self.ratio = ratio
@@ -58,14 +105,17 @@ class RejectionSwap:
         if ids is not None:
             ranked = sorted(set(ids), key=lambda sample_id: swap_score(config.seed, sample_id))
             self.chosen = frozenset(ranked[: round(ratio * len(ranked))])
+        self.ablation = ImageAblation(config.image, config.seed, donors) if ratio > 0 else None
 
-    def is_swapped(self, sample_id: str) -> bool:
+    def is_swapped(self, sample_id: str, source: str | None = None) -> bool:
         if self.chosen is not None:
             return sample_id in self.chosen
+        if self.config.sources is not None and source not in self.config.sources:
+            return False
         return swap_score(self.config.seed, sample_id) < self.ratio
 
     def __call__(self, conversation: Conversation) -> Conversation:
-        if not self.is_swapped(conversation.id):
+        if not self.is_swapped(conversation.id, conversation.source):
             return conversation
         turns = conversation.turns[:1] if self.config.keep_one_turn else conversation.turns
         humans = [human for human, _ in turns]
@@ -78,8 +128,10 @@ class RejectionSwap:
                 else human
                 for human in humans
             ]
-        return conversation.with_turns(
-            tuple((human, self.config.sentence) for human in humans),
+        reply = self.config.reply_for(conversation.id)
+        swapped = conversation.with_turns(
+            tuple((human, reply) for human in humans),
             is_rejection=True,
             learn_end_marker=self.config.learn_eos,
         )
+        return self.ablation(swapped)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,9 @@ import webdataset as wds
 from PIL import Image
 
 from mllm_safety.data.conversation import Conversation, SampleError, parse_llava_record
+from mllm_safety.data.manifest import Manifest, ShardEntry, key_position
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -31,13 +37,18 @@ def expand_shards(patterns: str | list[str]) -> list[str]:
     return paths
 
 
-def read_manifest(shards: list[str]) -> dict[str, Any] | None:
-    """The ``manifest.json`` written beside the shards by this project's writers, if all shards share one."""
-    folders = {Path(shard).parent for shard in shards}
-    if len(folders) != 1:
+def manifest_entries(shards: list[str]) -> list[tuple[str, ShardEntry]] | None:
+    """Each shard with its entry in the ``manifest.json`` of its folder; ``None`` when no folder has a manifest."""
+    manifests = {folder: Manifest.read(folder) for folder in sorted({str(Path(shard).parent) for shard in shards})}
+    if all(manifest is None for manifest in manifests.values()):
         return None
-    manifest = folders.pop() / "manifest.json"
-    return json.loads(manifest.read_text()) if manifest.exists() else None
+    if missing := [folder for folder, manifest in manifests.items() if manifest is None]:
+        raise ValueError(f"shard folders {missing} have no manifest.json while others have one; convert them too")
+    entries = {(folder, entry.name): entry for folder, manifest in manifests.items() for entry in manifest.shards}
+    unlisted = [shard for shard in shards if (str(Path(shard).parent), Path(shard).name) not in entries]
+    if unlisted:
+        raise ValueError(f"shards {unlisted[:3]} are not listed in the manifest.json beside them")
+    return [(shard, entries[str(Path(shard).parent), Path(shard).name]) for shard in shards]
 
 
 def decode_sample(raw: dict[str, Any]) -> Conversation:
@@ -75,3 +86,63 @@ def iter_conversations(shard: str) -> Iterator[Conversation]:
     """All samples of one shard, in order (for inspection and tests; training uses the streaming pipeline)."""
     for raw in wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples()):
         yield decode_sample(raw)
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Some samples of one shard, by position (the tar key written by the manifest's writer)."""
+
+    path: str
+    positions: tuple[int, ...] | None = None
+    """Positions to read, ascending; ``None`` reads every sample (shards without a manifest)."""
+    ids: tuple[str, ...] = ()
+    """The manifest's ids at ``positions``; each raw sample read carries its expected id as ``__id__``."""
+
+
+def read_slice(piece: ShardSlice, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The raw samples of ``piece`` in storage order (member name -> bytes; nothing decoded).
+
+    Reading stops after the last wanted position. A damaged tar ends the shard early; the wanted samples it could
+    not deliver are counted in ``skipped["corrupt_tar"]`` and the damage is logged.
+    """
+    wanted = None if piece.positions is None else dict(zip(piece.positions, piece.ids, strict=True))
+    errors: list[Exception] = []
+
+    def stop(error: Exception) -> bool:
+        errors.append(error)
+        return False
+
+    delivered = 0
+    samples = wds.tariterators.tarfile_samples([{"url": piece.path}], handler=stop)
+    try:
+        for raw in samples:
+            if wanted is None:
+                yield raw
+                continue
+            position = key_position(raw["__key__"])
+            if position in wanted:
+                delivered += 1
+                raw["__id__"] = wanted[position]
+                yield raw
+                if delivered == len(wanted):
+                    break
+    finally:
+        samples.close()
+    lost = 0 if wanted is None else len(wanted) - delivered
+    if errors or lost:
+        skipped["corrupt_tar"] += lost
+        reason = f": {errors[0]}" if errors else " (it ends early)"
+        log.warning("shard %s is damaged%s; %d wanted samples could not be read", piece.path, reason, lost)
+
+
+def first_images(pieces: list[ShardSlice], count: int) -> list[tuple[str, bytes]]:
+    """``(sample id, encoded image)`` of the first ``count`` samples with an image, in shard order."""
+    images: list[tuple[str, bytes]] = []
+    for piece in pieces:
+        for raw in read_slice(piece, Counter()):
+            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            if extension is not None:
+                images.append((raw.get("__id__", raw["__key__"]), raw[extension]))
+                if len(images) == count:
+                    return images
+    return images

@@ -6,12 +6,12 @@ samples are text-only everyday Q&A (arithmetic, unit conversion, capitals, spell
 instruction mix, so the text-only path is exercised too. Everything derives from one ``random.Random(seed)``: the
 same seed gives the same samples, pixels and shard bytes.
 
-Shards follow the project layout (``demo-%06d.tar``; members ``json`` and, for image samples, ``png``) plus a
-``manifest.json`` that records the parameters, so a cache directory is reused only when it matches the request.
+Shards follow the project layout (:class:`~mllm_safety.data.manifest.ShardSetWriter`, source ``demo``; members
+``json`` and, for image samples, ``png``) plus a ``manifest.json`` that records the parameters, so a cache directory
+is reused only when it matches the request.
 """
 
 import io
-import json
 import random
 import shutil
 import uuid
@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image, ImageDraw
+
+from mllm_safety.data.manifest import Manifest, ShardSetWriter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
@@ -33,8 +34,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 TEXT_ONLY_FRACTION = 0.3
 MIN_IMAGE_SIZE = 64
-MANIFEST = "manifest.json"
-_VERSION = 1
+SOURCE = "demo"
+_VERSION = 2
 """Bump when generation changes, so caches written by an older version are regenerated rather than reused."""
 
 _NUMBERS = ("no", "one", "two", "three")
@@ -288,12 +289,12 @@ def generate_demo_samples(num_samples: int, seed: int = 0, image_size: int = 224
 def _existing_shards(out_dir: Path, params: dict) -> list[Path] | None:
     """The shards of a complete set written with ``params``, or None if there is none to reuse."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = Manifest.read(out_dir)
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or any(manifest.get(key) != value for key, value in params.items()):
+    if manifest is None or manifest.params.get(SOURCE) != params:
         return None
-    shards = [out_dir / name for name in manifest.get("shards", [])]
+    shards = [out_dir / entry.name for entry in manifest.shards]
     return shards if shards and all(shard.is_file() for shard in shards) else None
 
 
@@ -323,21 +324,14 @@ def write_demo_shards(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        ids = []
-        pattern = str(tmp).replace("%", "%%") + "/demo-%06d.tar"
-        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, encoder=False, mtime=0.0) as sink:
+        with ShardSetWriter(tmp, SOURCE, shard_size) as writer:
             for sample in samples:
-                member = {"__key__": sample.record["id"], "json": json.dumps(sample.record).encode()}
-                if sample.png is not None:
-                    member["png"] = sample.png
-                sink.write(member)
-                ids.append(sample.record["id"])
-        names = sorted(path.name for path in tmp.glob("demo-*.tar"))
-        (tmp / MANIFEST).write_text(json.dumps({**params, "shards": names, "ids": ids}, indent=1))
+                writer.write(sample.record["id"], sample.record, ("png", sample.png) if sample.png else None)
+        Manifest(shards=writer.entries, params={SOURCE: params}).write(tmp)
         _install(tmp, out_dir, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [out_dir / name for name in names]
+    return [out_dir / entry.name for entry in writer.entries]
 
 
 def _install(tmp: Path, out_dir: Path, params: dict) -> None:
@@ -359,6 +353,10 @@ def _install(tmp: Path, out_dir: Path, params: dict) -> None:
 def ensure_demo_shards(
     cache_dir: str | Path, num_samples: int = 512, seed: int = 0, image_size: int = 224
 ) -> list[Path]:
-    """The demo shards for these parameters under ``cache_dir``, generated on first use."""
-    out_dir = Path(cache_dir) / f"demo-n{num_samples}-s{seed}-px{image_size}"
+    """The demo shards for these parameters under ``cache_dir``, generated on first use.
+
+    The folder name carries the format version, so checkouts of different versions sharing a cache never rewrite
+    each other's sets.
+    """
+    out_dir = Path(cache_dir) / f"demo-v{_VERSION}-n{num_samples}-s{seed}-px{image_size}"
     return write_demo_shards(out_dir, num_samples=num_samples, seed=seed, image_size=image_size)

@@ -7,6 +7,7 @@ preceded by LLaVA-1.5's pad-to-square.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,19 @@ class ImageTransform:
         if self.aspect_ratio == "pad":
             image = expand_to_square(image, self.fill)
         return self.preprocess(image)
+
+    def split_with(
+        self, splitter: Callable[[Callable], tuple[Callable, Callable] | None]
+    ) -> tuple[Callable, Callable] | None:
+        """``(this transform up to splitter's cut, the rest)``, or ``None`` where ``splitter`` cannot cut the
+        preprocessing: lets the data pipeline run the tensor steps on the device
+        (:func:`mllm_safety.data.processor.split_at_to_tensor`)."""
+        parts = splitter(self.preprocess)
+        if parts is None:
+            return None
+        head = copy.copy(self)
+        head.preprocess = parts[0]
+        return head, parts[1]
 
 
 class HFImagePreprocess:

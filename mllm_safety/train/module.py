@@ -170,6 +170,15 @@ class SafetyAlignModule(L.LightningModule):
         out = self.model(**batch.model_inputs())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch.ids))
         self.log("train/reply_tokens", out.num_label_tokens.float(), reduce_fx="sum", batch_size=len(batch.ids))
+        # Same keys on every rank (the stream fills each), so the epoch-end sync cannot hang.
+        self.log_dict(
+            {f"data/{name}": float(count) for name, count in batch.stats.items()},
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            sync_dist=True,
+            batch_size=len(batch.ids),
+        )
         return out.loss
 
     def configure_optimizers(self) -> dict[str, Any]:

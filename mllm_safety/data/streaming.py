@@ -1,0 +1,208 @@
+"""Streaming shards to every rank and worker in step: equal shares, the same number of batches, epoch-seeded order.
+
+Each (rank, DataLoader worker) pair is a *slot*. In ``exact`` mode every epoch shuffles the shard order with
+(seed, epoch), lays the selected samples of all shards end to end and gives slot ``s`` of ``S`` the contiguous range
+``[s*N/S, (s+1)*N/S)``, read by position from the shards that range covers: each sample is seen once per epoch, and
+shares differ by one sample at most even when shards differ in size. In ``resampled`` mode each slot draws shards
+with replacement, weighted by their sample counts, for an endless stream cut into epochs of a fixed size.
+
+Every slot yields the same number of full batches (:func:`~mllm_safety.data.batching.exact_batches`), so no rank
+waits at the end of an epoch for a batch that never comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mllm_safety.data.batching import exact_batches, length_grouped_batches
+from mllm_safety.data.conversation import SKIP_REASONS, SampleError
+from mllm_safety.data.processor import Batch, ModelSample, MultimodalProcessor
+from mllm_safety.data.rejection import RejectionSwap
+from mllm_safety.data.shards import ShardSlice, decode_sample, read_slice
+
+log = logging.getLogger(__name__)
+
+StreamMode = Literal["exact", "resampled"]
+
+
+class SampleStream:
+    """The per-sample part of the pipeline (decode, swap, tokenize), skipping and counting unusable samples."""
+
+    def __init__(
+        self,
+        processor: MultimodalProcessor,
+        swap: RejectionSwap,
+        skip_bad_samples: bool,
+        skipped: Counter[str] | None = None,
+    ) -> None:
+        self.processor = processor
+        self.swap = swap
+        self.skip_bad_samples = skip_bad_samples
+        self.skipped: Counter[str] = Counter() if skipped is None else skipped
+
+    def process(self, raw: dict) -> ModelSample:
+        conversation = decode_sample(raw)
+        expected = raw.get("__id__")
+        if expected is not None and conversation.id != expected:
+            raise ValueError(
+                f"{raw.get('__url__')} holds sample {conversation.id!r} where its manifest lists {expected!r}: "
+                "the manifest does not describe these shards (rewrite both with mllm_safety.data.convert)"
+            )
+        return self.processor.stream_sample(self.swap(conversation))
+
+    def __call__(self, raws: Iterator[dict]) -> Iterator[ModelSample]:
+        for raw in raws:
+            try:
+                yield self.process(raw)
+            except SampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.skipped[error.reason] += 1
+                log.warning(
+                    "skipped %s (%s so far in this worker: %d)", error, error.reason, self.skipped[error.reason]
+                )
+
+
+def exact_slices(pieces: list[ShardSlice], epoch: int, seed: int, num_slots: int, slot: int) -> list[ShardSlice]:
+    """Slot ``slot``'s contiguous share of the epoch's samples, as slices of the shards it covers."""
+    order = list(pieces)
+    random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    total = sum(len(piece.positions) for piece in order)
+    start, stop = slot * total // num_slots, (slot + 1) * total // num_slots
+    slices, offset = [], 0
+    for piece in order:
+        count = len(piece.positions)
+        lo, hi = max(start, offset) - offset, min(stop, offset + count) - offset
+        if lo < hi:
+            slices.append(ShardSlice(piece.path, piece.positions[lo:hi], piece.ids[lo:hi]))
+        offset += count
+    return slices
+
+
+def resampled_slices(pieces: list[ShardSlice], epoch: int, seed: int, slot: int) -> Iterator[ShardSlice]:
+    """Shards drawn with replacement, weighted by their sample counts, forever."""
+    rng = random.Random(f"resampled/{seed}/{epoch}/{slot}")
+    weights = [1 if piece.positions is None else len(piece.positions) for piece in pieces]
+    while True:
+        yield rng.choices(pieces, weights)[0]
+
+
+class ShardStream(IterableDataset):
+    """Batches for one rank, produced by its DataLoader workers; see the module docstring for the split.
+
+    ``pieces`` are whole shards: with positions and ids from the manifest, or (resampled mode only) bare paths.
+    """
+
+    def __init__(
+        self,
+        pieces: list[ShardSlice],
+        processor: MultimodalProcessor,
+        swap: RejectionSwap,
+        *,
+        batch_size: int,
+        mode: StreamMode = "exact",
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        group_batches: int = 16,
+        skip_bad_samples: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode == "exact" and any(piece.positions is None for piece in pieces):
+            raise ValueError("exact mode needs a manifest listing every shard's samples; use mode 'resampled'")
+        self.pieces = pieces
+        self.processor = processor
+        self.swap = swap
+        self.batch_size = batch_size
+        self.mode = mode
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.group_batches = group_batches
+        self.skip_bad_samples = skip_bad_samples
+        self.rank = rank
+        self.workers_per_rank = max(1, num_workers)
+        self.num_slots = world_size * self.workers_per_rank
+        known = None if any(piece.positions is None for piece in pieces) else sum(len(p.positions) for p in pieces)
+        total = known if mode == "exact" or samples_per_epoch is None else samples_per_epoch
+        if total is None:
+            raise ValueError("resampled mode over shards without a manifest needs the number of samples per epoch")
+        if total < self.num_slots:
+            raise ValueError(
+                f"{total} samples per epoch cannot be shared by {world_size} ranks x {self.workers_per_rank} "
+                "workers; use fewer DataLoader workers"
+            )
+        self.samples_per_epoch = total
+        self.batches_per_slot = math.ceil(math.ceil(total / self.num_slots) / batch_size)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def repeated_per_epoch(self) -> int:
+        """Samples repeated each epoch (over all ranks) so that every slot fills the same number of batches."""
+        return self.num_slots * self.batches_per_slot * self.batch_size - self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seeds this epoch's order; shared memory, so workers started earlier (persistent ones) see it too."""
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_slot * self.workers_per_rank
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = get_worker_info()
+        if (worker.num_workers if worker is not None else 1) != self.workers_per_rank:
+            raise RuntimeError(
+                f"the stream was split for {self.workers_per_rank} workers per rank but the DataLoader runs "
+                f"{worker.num_workers if worker is not None else 0}; give both the same num_workers"
+            )
+        slot = self.rank * self.workers_per_rank + (worker.id if worker is not None else 0)
+        epoch = int(self._epoch)
+        skipped: Counter[str] = Counter()
+        if self.mode == "exact":
+            pieces = iter(exact_slices(self.pieces, epoch, self.seed, self.num_slots, slot))
+        else:
+            pieces = resampled_slices(self.pieces, epoch, self.seed, slot)
+        raws = (raw for piece in pieces for raw in read_slice(piece, skipped))
+        if self.shuffle_buffer:
+            rng = random.Random(f"samples/{self.seed}/{epoch}/{slot}")
+            raws = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raws)
+        samples = SampleStream(self.processor, self.swap, self.skip_bad_samples, skipped)(raws)
+        batches = length_grouped_batches(
+            samples,
+            self.batch_size,
+            self.group_batches,
+            lambda sample: len(sample.input_ids),
+            random.Random(f"batches/{self.seed}/{epoch}/{slot}"),
+        )
+        for items, repeated in exact_batches(batches, self.batches_per_slot, self.batch_size):
+            batch = self.processor.collate(items)
+            batch.stats = {f"skipped_{reason}": skipped.pop(reason, 0) for reason in SKIP_REASONS}
+            batch.stats["repeated"] = repeated
+            yield batch
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader of :class:`ShardStream` batches that hands the stream the epoch before every pass.
+
+    Lightning calls ``set_epoch`` only on samplers, which an ``IterableDataset`` does not have; ``epoch_fn``
+    (e.g. the trainer's ``current_epoch``) is read each time iteration starts instead.
+    """
+
+    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
