@@ -17,6 +17,7 @@ from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer
 from mllm_safety.model.mllm import IMAGE_TOKEN_ID, MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.vision import OpenClipVisionEncoder, VisionConfig
+from mllm_safety.train.parallel import FSDP2Strategy, global_token_mean, shard_multimodal_lm
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,19 @@ class SafetyAlignModule(L.LightningModule):
         # Checkpoints hold only what trains (see on_save_checkpoint), so loading must accept the frozen rest missing.
         self.strict_loading = False
 
+    def configure_model(self) -> None:
+        """Shards the model when the strategy is FSDP2 (``trainer.strategy: fsdp2``); other strategies need nothing."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            mesh = self.device_mesh["data_parallel"]
+            shard_multimodal_lm(self.model, mesh, strategy.mixed_precision(), strategy.reshard_after_forward)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(**batch.model_inputs())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch.ids))
+        loss, global_loss = global_token_mean(out.loss, out.num_label_tokens)
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=len(batch.ids))
         self.log("train/reply_tokens", out.num_label_tokens.float(), reduce_fx="sum", batch_size=len(batch.ids))
-        return out.loss
+        return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         projector_params = [p for p in self.model.projector.parameters() if p.requires_grad]
