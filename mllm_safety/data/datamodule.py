@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import lightning as L
 import webdataset as wds
-from torch.utils.data import DataLoader
 
 from mllm_safety.data.conversation import Conversation, SampleError
-from mllm_safety.data.processor import ModelSample, MultimodalProcessor
+from mllm_safety.data.processor import Batch, ModelSample, MultimodalProcessor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
+from mllm_safety.data.resumable import ResumableLoader, StreamPosition
 from mllm_safety.data.shards import decode_sample, expand_shards, read_manifest
 from mllm_safety.data.synthetic import ensure_demo_shards
 from mllm_safety.model.llm import cache_dir
@@ -102,6 +102,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.demo_samples = demo_samples
         self.shards: list[str] = []
         self.swap: RejectionSwap | None = None
+        self.position = StreamPosition()
 
     def prepare_data(self) -> None:
         if self.train_shards is None:
@@ -123,7 +124,7 @@ class SafetyDataModule(L.LightningDataModule):
         ids = manifest.get("ids") if manifest else None
         self.swap = RejectionSwap(self.rejection_ratio, self.rejection, ids=ids)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         processor: MultimodalProcessor = self.trainer.lightning_module.processor
         world_size = self.trainer.world_size
         stream = SampleStream(processor, self.swap, self.skip_bad_samples)
@@ -138,10 +139,24 @@ class SafetyDataModule(L.LightningDataModule):
             stages.append(wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed))
         stages.append(stream)
         pipeline = wds.DataPipeline(*stages).with_length(self.num_samples // world_size, silent=True)
-        return DataLoader(
+        return ResumableLoader(
             pipeline,
+            self.position,
+            lambda: self.trainer.current_epoch,
+            seed=self.seed,
             batch_size=self.batch_size,
             collate_fn=processor.collate,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
         )
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.trainer.training:
+            self.position.batches += 1  # this batch goes into a training step
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream position, saved in checkpoints so that a restarted run continues exactly where this one was."""
+        return self.position.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position.load_state_dict(state_dict)
