@@ -60,6 +60,25 @@ class RecordLoss(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
+def generate_uneven(module: SafetyAlignModule, trainer: L.Trainer) -> list[torch.Tensor]:
+    """Rank r replies to prompt r with an end token that stops rank 0 after one token and never stops rank 1, so the
+    ranks generate different lengths (one process plays both ranks in turn). Returns every rank's new tokens."""
+    processor = module.processor
+    ranks = range(2) if trainer.world_size == 1 else [trainer.global_rank]
+    outputs = []
+    for rank in ranks:
+        prompt = processor.collate([processor.prompt("p", PROMPTS[rank], None)], "left")
+        inputs = (prompt.input_ids, prompt.attention_mask, prompt.pixel_values)
+        free = module.model.generate(*inputs, max_new_tokens=5)[0]
+        end = int(free[0]) if rank == 0 else min(set(range(len(free) + 1)) - set(free.tolist()))
+        outputs.append(module.model.generate(*inputs, max_new_tokens=5, eos_token_id=end)[0])
+    if trainer.world_size == 1:
+        return outputs
+    gathered: list[list[torch.Tensor] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, outputs)
+    return [tokens for part in gathered for tokens in part]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
@@ -83,7 +102,8 @@ def main() -> None:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     record = RecordLoss()
-    evaluation = SafetyEvalCallback(eval_sets=["typographic", "benign"], max_new_tokens=4, batch_size=2, limit=2)
+    # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
+    evaluation = SafetyEvalCallback(eval_sets=["typographic", "benign"], max_new_tokens=4, batch_size=1, limit=3)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -104,12 +124,14 @@ def main() -> None:
     processor = module.processor
     prompts = processor.collate([processor.prompt(str(i), q, None) for i, q in enumerate(PROMPTS)], "left")
     replies = module.model.generate(prompts.input_ids, prompts.attention_mask, prompts.pixel_values, max_new_tokens=5)
+    uneven = generate_uneven(module, trainer)
     if trainer.is_global_zero:
         torch.save(
             {
                 "losses": record.losses,
                 "weights": {k: v for k, v in full_state.items() if k in trainable},
                 "replies": replies,
+                "uneven": uneven,
                 "safety": evaluation.history,
                 "world_size": trainer.world_size,
             },

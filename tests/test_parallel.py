@@ -1,6 +1,7 @@
 """FSDP2 on 2 CPU processes: the same training as one process, generation through the sharded model, sharded resume."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,17 @@ SCRIPT = ROOT / "tests" / "distributed_fit.py"
 
 
 def run_script(out: Path, *args: str) -> dict:
+    """Runs distributed_fit.py; a hang (ranks out of step) kills the whole process group, other ranks included."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    command = [sys.executable, str(SCRIPT), "--out", str(out), *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish in 240 s:\n{output.decode()[-3000:]}")
+    assert proc.returncode == 0, output.decode()[-6000:]
     return torch.load(out / "result.pt", weights_only=True)
 
 
@@ -40,6 +47,9 @@ def test_fsdp2_on_two_processes_trains_like_one_and_resumes_from_its_sharded_che
     assert_same_weights(sharded["weights"], single["weights"])
     # generation runs through the sharded root (the safety callback before, during and after training, and directly)
     assert torch.equal(sharded["replies"], single["replies"])
+    # ranks whose replies end at different lengths keep gathering the layers together (no hang), same tokens
+    assert [len(tokens) for tokens in single["uneven"]] == [1, 5]
+    assert all(torch.equal(a, b) for a, b in zip(sharded["uneven"], single["uneven"], strict=True))
     assert [label for label, _ in sharded["safety"]] == ["before", "epoch 0", "epoch 1"]
 
     # each rank wrote its shard of the trainable weights only; resuming after epoch 0 ends where the full run ended

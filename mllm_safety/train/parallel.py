@@ -152,7 +152,10 @@ def shard_multimodal_lm(
 
     All computation must enter through the root, so that its hooks gather the embeddings and LM head first:
     ``forward`` does, and ``generate`` is registered as a second forward method (it embeds the prompt and runs the
-    LLM's own ``generate`` inside). A no-op on a model that is already sharded (``configure_model`` may run again).
+    LLM's own ``generate`` inside). Every rank must call ``generate`` equally often (``SafetyEvalCallback`` does);
+    ranks whose replies end at different lengths keep stepping together because ``fully_shard`` marks every
+    submodule as FSDP-managed, which makes transformers' ``generate`` run with ``synced_gpus``. A no-op on a model
+    that is already sharded (``configure_model`` may run again).
     """
     if isinstance(model, torch.distributed.fsdp.FSDPModule):
         return
