@@ -13,7 +13,7 @@ from mllm_safety.data.processor import Batch, MultimodalProcessor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
-from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode
+from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode, StreamPosition
 from mllm_safety.data.synthetic import ensure_demo_shards
 from mllm_safety.model.llm import cache_dir
 
@@ -105,6 +105,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.donor_images = donor_images
         self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
+        self.position = StreamPosition()
 
     def prepare_data(self) -> None:
         if self.train_shards is None:
@@ -166,6 +167,8 @@ class SafetyDataModule(L.LightningDataModule):
         return EpochLoader(
             stream,
             epoch_fn=lambda: self.trainer.current_epoch,
+            position=self.position,
+            seed=self.seed,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -176,3 +179,15 @@ class SafetyDataModule(L.LightningDataModule):
         if isinstance(batch, Batch):
             batch.pixel_values = self.trainer.lightning_module.processor.finish_pixels(batch.pixel_values)
         return batch
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.trainer.training:
+            self.position.batches += 1  # this batch goes into a training step
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream position, saved in checkpoints so that a restarted run continues exactly where this one was."""
+        return self.position.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position.load_state_dict(state_dict)

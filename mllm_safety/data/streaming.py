@@ -17,6 +17,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -192,17 +193,56 @@ class ShardStream(IterableDataset):
             yield batch
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader of :class:`ShardStream` batches that hands the stream the epoch before every pass.
+@dataclass
+class StreamPosition:
+    """How far training got in the stream on this rank: the epoch and how many of its batches were trained on.
 
-    Lightning calls ``set_epoch`` only on samplers, which an ``IterableDataset`` does not have; ``epoch_fn``
-    (e.g. the trainer's ``current_epoch``) is read each time iteration starts instead.
+    Saved in checkpoints (by the DataModule), so that a restarted run continues exactly where it stopped.
     """
 
-    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+    epoch: int = 0
+    batches: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader of :class:`ShardStream` batches that starts every pass at the right epoch and position.
+
+    Lightning calls ``set_epoch`` only on samplers, which an ``IterableDataset`` does not have; ``epoch_fn``
+    (e.g. the trainer's ``current_epoch``) is read each time iteration starts instead. When the pass resumes the
+    epoch of ``position``, the batches already trained on are drawn and dropped (exact, at the cost of decoding them
+    again, as ``accelerate.skip_first_batches`` does). The loader's own generator, seeded by (seed, epoch), seeds the
+    workers, so starting an epoch draws nothing from the global random state that dropout uses.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardStream,
+        epoch_fn: Callable[[], int],
+        position: StreamPosition | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(dataset, batch_size=None, generator=torch.Generator(), **kwargs)
         self.epoch_fn = epoch_fn
+        self.position = position or StreamPosition()
+        self.seed = seed
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+        epoch = self.epoch_fn()
+        if epoch > self.position.epoch:
+            self.position.epoch, self.position.batches = epoch, 0
+        # An epoch before the position's is only iterated before a checkpoint's loop state is restored (Lightning
+        # starts the loader early to count the steps of the LR schedule); that iterator is dropped unused.
+        skip = self.position.batches if epoch == self.position.epoch else 0
+        self.dataset.set_epoch(epoch)
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        return iterator

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -109,7 +110,9 @@ class SafetyEvalCallback(L.Callback):
         harmful_asr = []
         for name, prompts in self._prompts.items():
             refusal_rate = MeanMetric().to(pl_module.device)
-            generations = self._generate(pl_module, prompts[rank::world])
+            # Every rank runs the same number of generate calls: a sharded (FSDP) model gathers weights in each one.
+            num_batches = math.ceil(math.ceil(len(prompts) / world) / self.batch_size)
+            generations = self._generate(pl_module, prompts[rank::world], num_batches, filler=prompts[:1])
             for generation in generations:
                 refusal_rate.update(float(generation.refused))
             rate = float(refusal_rate.compute())
@@ -135,12 +138,19 @@ class SafetyEvalCallback(L.Callback):
             log.info("safety evaluation %s: %s", label, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    def _generate(self, pl_module: L.LightningModule, prompts: list[EvalPrompt]) -> list[Generation]:
+    def _generate(
+        self, pl_module: L.LightningModule, prompts: list[EvalPrompt], num_batches: int, filler: list[EvalPrompt]
+    ) -> list[Generation]:
+        """Replies to ``prompts`` in ``num_batches`` generate calls; a call with no prompt left replies to ``filler``
+        and is discarded."""
         processor = pl_module.processor
         tokenizer = processor.tokenizer
         out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in range(0, num_batches * self.batch_size, self.batch_size):
             chunk = prompts[start : start + self.batch_size]
+            if not chunk:
+                self._generate(pl_module, filler, 1, filler)
+                continue
             samples = [processor.prompt(p.id, p.question, p.image) for p in chunk]
             batch = pl_module.transfer_batch_to_device(
                 processor.collate(samples, padding_side="left"), pl_module.device, 0

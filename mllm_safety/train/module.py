@@ -26,6 +26,7 @@ from mllm_safety.model.trainable import (
     trainable_state_dict,
 )
 from mllm_safety.model.vision import VisionConfig, build_vision_encoder
+from mllm_safety.train.parallel import FSDP2Strategy, global_token_mean, shard_multimodal_lm
 
 FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -166,9 +167,17 @@ class SafetyAlignModule(L.LightningModule):
             template = self.processor.tokenizer.chat_template
             save_trainable(self.model, path, lora=self.lora_settings, chat_template=template, state=state)
 
+    def configure_model(self) -> None:
+        """Shards the model when the strategy is FSDP2 (``trainer.strategy: fsdp2``); other strategies need nothing."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            mesh = self.device_mesh["data_parallel"]
+            shard_multimodal_lm(self.model, mesh, strategy.mixed_precision(), strategy.reshard_after_forward)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(**batch.model_inputs())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch.ids))
+        loss, global_loss = global_token_mean(out.loss, out.num_label_tokens)
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=len(batch.ids))
         self.log("train/reply_tokens", out.num_label_tokens.float(), reduce_fx="sum", batch_size=len(batch.ids))
         # Same keys on every rank (the stream fills each), so the epoch-end sync cannot hang.
         self.log_dict(
@@ -179,7 +188,7 @@ class SafetyAlignModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(batch.ids),
         )
-        return out.loss
+        return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         projector_params = [p for p in self.model.projector.parameters() if p.requires_grad]

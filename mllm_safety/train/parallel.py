@@ -1,0 +1,168 @@
+"""Multi-GPU training with FSDP2: per-parameter sharding through Lightning's ``ModelParallelStrategy``.
+
+``trainer.strategy: fsdp2`` shards the model over every rank (data parallel only, no tensor parallelism). The units,
+each all-gathered in one collective right before it runs and freed after:
+
+- every decoder layer of the LLM (its LoRA adapters included: FSDP2 shards per parameter, so the frozen base and the
+  trainable adapters of a layer share one all-gather, and only the adapters' gradients are reduce-scattered);
+- the vision tower (frozen by default: all-gathered for its forward, no gradient traffic, no optimizer state);
+- the projector (trainable);
+- the root: token embeddings, final norm and LM head (tied weights stay together).
+
+``bf16-mixed`` keeps fp32 shards (the optimizer's master weights), all-gathers and computes in bf16 and reduces
+gradients in fp32; ``bf16-true`` stores everything in bf16. ``ddp`` remains available for models that fit one GPU.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from mllm_safety.model.mllm import MultimodalLM
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) over all ranks of all nodes, with checkpoints of the trainable weights.
+
+    The LightningModule shards itself in ``configure_model`` with :func:`shard_multimodal_lm`, reading
+    :attr:`reshard_after_forward` and :meth:`mixed_precision` from here.
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        """
+        Args:
+            reshard_after_forward: Free each layer's gathered weights after its forward and gather them again for
+                the backward (less memory); ``false`` keeps them until the backward (less communication).
+            save_distributed_checkpoint: Each rank writes its own shard (a checkpoint folder); ``false`` gathers the
+                trainable weights on rank 0 into one file.
+            process_group_backend: ``nccl`` on GPUs and ``gloo`` on CPUs unless set.
+            timeout: How long a collective may wait for the other ranks.
+        """
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" means one data-parallel group per node (for tensor parallelism within a node); FSDP
+        # alone shards over every rank.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def mixed_precision(self) -> MixedPrecisionPolicy:
+        """FSDP's own mixed precision for ``bf16-mixed``: bf16 all-gathers and compute, fp32 shards and reduction."""
+        if self.precision_plugin.precision == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a sharded checkpoint that holds only some weights (the trainable ones); files go to Lightning."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from torch.distributed import checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        saved = {
+            key.removeprefix("state_dict.")
+            for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            if key.startswith("state_dict.")
+        }
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if missing := sorted(trainable - saved):
+            raise ValueError(f"checkpoint {path} lacks trainable weights of this model, e.g. {missing[:3]}")
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        dcp.load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optimizer_state[key])
+        return torch.load(path / _METADATA_FILENAME, weights_only=True)
+
+
+StrategyRegistry.register(
+    "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) over all ranks, through ModelParallelStrategy"
+)
+
+
+def global_token_mean(loss: torch.Tensor, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Makes the gradient the mean over all reply tokens of the global batch, not a mean of per-rank means.
+
+    DDP and FSDP average gradients over ranks. Each rank's token-mean ``loss`` is rescaled by its share of the
+    global reply tokens, so that the average comes out as one token mean over every rank's batch, as on a single
+    device with the whole batch. One all-reduce of two numbers per step. Returns the loss to backpropagate and the
+    global token mean (detached, the same on every rank) to log.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return loss, loss.detach()
+    totals = torch.stack([loss.detach() * num_tokens, num_tokens.to(loss.dtype)])
+    torch.distributed.all_reduce(totals)
+    loss_sum, total_tokens = totals[0], totals[1].clamp(min=1)
+    world_size = torch.distributed.get_world_size()
+    return loss * num_tokens * world_size / total_tokens, loss_sum / total_tokens
+
+
+def decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's transformer blocks: the classes Hugging Face marks as never to be split (``_no_split_modules``)."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a peft model wraps the HF model
+    block_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [module for module in base.modules() if type(module).__name__ in block_classes]
+    if not layers:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(base).__name__}: _no_split_modules={sorted(block_classes)}"
+        )
+    return layers
+
+
+def shard_multimodal_lm(
+    model: MultimodalLM,
+    mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Applies FSDP2 to ``model`` in place, bottom-up: decoder layers, vision tower, projector, then the root.
+
+    All computation must enter through the root, so that its hooks gather the embeddings and LM head first:
+    ``forward`` does, and ``generate`` is registered as a second forward method (it embeds the prompt and runs the
+    LLM's own ``generate`` inside). Every rank must call ``generate`` equally often (``SafetyEvalCallback`` does);
+    ranks whose replies end at different lengths keep stepping together because ``fully_shard`` marks every
+    submodule as FSDP-managed, which makes transformers' ``generate`` run with ``synced_gpus``. A no-op on a model
+    that is already sharded (``configure_model`` may run again).
+    """
+    if isinstance(model, torch.distributed.fsdp.FSDPModule):
+        return
+    options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for layer in decoder_layers(model.llm):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model.vision, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model.projector, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, **options)
+    register_fsdp_forward_method(model, "generate")

@@ -1,0 +1,68 @@
+"""The local rejection-ratio sweep and the W&B sweep config."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from mllm_safety import sweep
+from mllm_safety.fit import main as fit_main
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path):
+    argv = ["--config", TINY, "--ratios", "0", "0.5", "--out", str(tmp_path), "--trainer.max_steps", "2"]
+    rows = sweep.main([*argv, "--trainer.logger", "false"])
+    assert [(row["ratio"], row["seed"]) for row in rows] == [(0.0, 0), (0.5, 0)]
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(row["ratio"]) for row in table] == [0.0, 0.5]
+    for row in table:
+        assert 0.0 <= float(row[sweep.ASR_METRIC]) <= 1.0 and 0.0 <= float(row[sweep.OVER_REFUSAL_METRIC]) <= 1.0
+    # each run trained at its own ratio: swapped replies are one short sentence, so fewer reply tokens
+    assert float(table[1]["train/reply_tokens"]) < float(table[0]["train/reply_tokens"])
+    with Image.open(tmp_path / "rejection_ratio.png") as image:
+        assert image.format == "PNG" and image.width > 300
+
+    # a finished run is not run again: the sweep can be interrupted and restarted
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/final_metrics.json")}
+    assert len(stamps) == 2 and sweep.main([*argv, "--trainer.logger", "false"]) == rows
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/final_metrics.json")}
+
+
+def test_summary_is_mean_and_range_over_seeds(tmp_path):
+    rows = [
+        {"ratio": 0.0, "seed": 0, "safety/asr_mean": 0.9, "safety/over_refusal": 0.0},
+        {"ratio": 0.0, "seed": 1, "safety/asr_mean": 0.7, "safety/over_refusal": 0.1},
+        {"ratio": 0.2, "seed": 0, "safety/asr_mean": 0.2, "safety/over_refusal": 0.1},
+        {"ratio": 0.2, "seed": 1, "safety/asr_mean": 0.1, "safety/over_refusal": 0.3},
+    ]
+    summary = sweep.summarize(rows, "safety/asr_mean")
+    assert [pytest.approx(row) for row in [(0.0, 0.8, 0.7, 0.9), (0.2, 0.15, 0.1, 0.2)]] == summary
+    sweep.plot(rows, tmp_path / "plot.png", "safety/asr_mean", "safety/over_refusal", "demo")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_bad_ratio_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", TINY, "--ratios", "0.1", "1.5"])
+    assert "--ratios must be in [0, 1], got [1.5]" in capsys.readouterr().err
+
+
+def test_wandb_sweep_config_targets_the_cli_and_the_logged_metric(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the agent runs the command from the repository root
+    config = yaml.safe_load((ROOT / "configs" / "sweeps" / "rejection_ratio.yaml").read_text())
+    assert config["method"] == "grid" and config["metric"] == {"name": sweep.ASR_METRIC, "goal": "minimize"}
+    assert config["parameters"]["data.rejection_ratio"]["values"] == [0.0, 0.05, 0.1, 0.2, 0.4]
+    assert config["command"][2:4] == ["-m", "mllm_safety.fit"] and config["command"][-1] == "${args}"
+    # the agent's arguments for one grid point (W&B passes --name=value) are understood by the CLI
+    fit_args = config["command"][4:-1]
+    with pytest.raises(SystemExit) as done:
+        fit_main([*fit_args, "--data.rejection_ratio=0.05", "--seed_everything=2", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["rejection_ratio"] == 0.05 and printed["seed_everything"] == 2
