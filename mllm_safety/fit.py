@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -18,6 +19,9 @@ from mllm_safety.train.resume import ExactResume, newest_checkpoint
 from mllm_safety.train.slurm import JobRequeued, SlurmRequeue
 
 log = logging.getLogger(__name__)
+
+# Option docs live in the config dataclasses' attribute docstrings; without this, --help shows none of them.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class SaveRunConfig(SaveConfigCallback):
