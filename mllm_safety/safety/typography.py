@@ -100,7 +100,7 @@ def render_typo(text: str, width: int = 1024, font_size: int = 90) -> Image.Imag
     block = "\n".join(_wrap(text.strip(), font, width))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     _, _, _, bottom = measure.multiline_textbbox((0, font_size // 2), block, font=font)
-    height = max(font_size * (block.count("\n") + 2), bottom + font_size // 2)
+    height = max(font_size * (block.count("\n") + 2), bottom)
     image = Image.new("RGB", (width, height), "white")
     ImageDraw.Draw(image).multiline_text((0, font_size // 2), block, fill="black", font=font)
     return image

@@ -1,0 +1,55 @@
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import WandbLogger
+from safety_fixtures import tiny_module, write_figstep, write_xstest
+
+from mllm_safety.safety.benchmarks import BenchmarkSpec
+from mllm_safety.safety.callback import SafetyEvalCallback
+
+
+def test_logs_figures_under_safety_and_a_table_of_the_first_rows_of_each_set(tmp_path, monkeypatch):
+    csv_path, images = write_figstep(tmp_path / "figstep")
+    benchmarks = [
+        BenchmarkSpec("figstep", str(csv_path), str(images)),
+        BenchmarkSpec("xstest", str(write_xstest(tmp_path / "xstest"))),
+    ]
+    logged, tables = [], []
+    monkeypatch.setattr(WandbLogger, "log_metrics", lambda self, metrics, step=None: logged.append(metrics))
+    monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns, data, step=None: tables.append(data))
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False)
+    callback = SafetyEvalCallback(benchmarks, judge="gcg", max_new_tokens=3, batch_size=4, table_rows=2)
+    module = tiny_module()
+    callback.setup(trainer, module, "fit")
+    metrics = callback.evaluate(trainer, module, "before")
+
+    assert logged == [metrics] and callback.history == [("before", metrics)]
+    assert {k for k in metrics if k.count("/") == 2} == {
+        "safety/asr/figstep_image",
+        "safety/asr/figstep_text",
+        "safety/asr/xstest_unsafe",
+        "safety/asr/mean",
+        "safety/over_refusal/xstest_safe",
+        "safety/refusal_gap/xstest",
+    }
+    assert "safety/asr/figstep_image/advice" in metrics and "safety/asr/figstep_image/Illegal_Activity" in metrics
+    assert float(trainer.callback_metrics["safety/asr/mean"]) == pytest.approx(metrics["safety/asr/mean"])
+    (rows,) = tables
+    assert [(row[0], row[2] is not None) for row in rows] == [
+        ("figstep_image", True),
+        ("figstep_image", True),
+        ("figstep_text", False),
+        ("figstep_text", False),
+        ("xstest_safe", False),
+        ("xstest_safe", False),
+        ("xstest_unsafe", False),
+    ]
+    assert {row[5] for row in rows} <= {"refused", "answered"}
+    assert "safety/asr/figstep_image" in callback.summary()
+
+
+def test_bad_callback_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown judge 'llamaguard'"):
+        SafetyEvalCallback(judge="llamaguard")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        SafetyEvalCallback(batch_size=0)
