@@ -124,7 +124,6 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
         devices=runtime.devices or trainer.get("devices", 1),
         num_nodes=runtime.num_nodes or trainer.get("num_nodes", 1),
         precision=runtime.precision or trainer.get("precision", "32-true"),
-        strategy="ddp" if (runtime.devices or trainer.get("devices", 1)) != 1 else "auto",
     )
     fabric.launch()
     # Only the model and the evaluation settings are built: the fit config's trainer and data sections stay data.
@@ -139,8 +138,8 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
     if cfg.ckpt_path:
         count = load_trained_weights(module, cfg.ckpt_path)
         log.info("loaded %d trained tensors from %s", count, cfg.ckpt_path)
-    fabric.setup_module(module)
-    module.eval()
+    # Data parallel: every rank holds the whole model and generates for its own slice; nothing to wrap.
+    module = fabric.strategy.precision.convert_module(module).to(fabric.device).eval()
     with fabric.autocast():
         generations = generate_for_rank(
             module,

@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import WandbLogger
@@ -53,3 +59,20 @@ def test_bad_callback_options_are_rejected():
         SafetyEvalCallback(judge="llamaguard")
     with pytest.raises(ValueError, match="must be >= 1"):
         SafetyEvalCallback(batch_size=0)
+
+
+def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(tmp_path):
+    """Lightning DDP on 2 CPU processes: both ranks generate their slices without hanging (before the first step and
+    after the epoch), and the figures before the first step (same seed, same weights) equal a single process's."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": f"{here.parent}{os.pathsep}{here}", "HF_HUB_OFFLINE": "1"}
+    histories = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        command = [sys.executable, str(here / "ddp_safety_fit.py"), str(out), str(devices)]
+        done = subprocess.run(command, cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        histories[devices] = json.loads((out / "history.json").read_text())
+    assert [label for label, _ in histories[2]] == [label for label, _ in histories[1]] == ["before", "epoch 0"]
+    assert histories[2][0] == histories[1][0], "same weights before training, same figures"
+    assert "safety/over_refusal/demo_benign" in histories[2][0][1]

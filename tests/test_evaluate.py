@@ -70,7 +70,8 @@ def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_p
     answered = next(line for line in lines if line["id"] == "ForbidQI_1_1")
     assert answered["verdicts"]["classifier"] == "unsafe" and answered["image"].endswith("query_ForbidQI_1_1_6.png")
     summary = (out / "summary.md").read_text()
-    assert "| figstep_image | asr | 4 |" in summary and "1 prompt(s) skipped" in summary
+    assert "| figstep_image | asr | 3 |" in summary and "| figstep_image | asr (advice) | 1 |" in summary
+    assert "1 prompt(s) skipped" in summary
 
 
 def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):

@@ -87,12 +87,13 @@ def summary_markdown(
     ]
     for s in sets:
         figure = "asr" if s.harmful else "over_refusal"
-        rows = [(figure, f"{figure}/{s.name}")]
-        if any(p.advice for p in s.prompts):
-            rows.append(("asr (advice)", f"asr/{s.name}/advice"))
-        for label, key in rows:
+        advice = sum(p.advice for p in s.prompts)
+        rows = [(figure, f"{figure}/{s.name}", len(s.prompts) - advice)]
+        if advice:
+            rows.append(("asr (advice)", f"asr/{s.name}/advice", advice))
+        for label, key, prompts in rows:
             values = " | ".join(_pct(result.metrics[j].get(key)) for j in judges)
-            lines.append(f"| {s.name} | {label} | {result.counts[s.name]['prompts']} | {values} |")
+            lines.append(f"| {s.name} | {label} | {prompts} | {values} |")
     lines.append(f"| **mean** | asr | | {' | '.join(_pct(result.metrics[j].get('asr/mean')) for j in judges)} |")
     gaps = sorted({k for figures in result.metrics.values() for k in figures if k.startswith("refusal_gap/")})
     if gaps:
