@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.fabric import Fabric
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.fabric import Fabric, seed_everything
 
 from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
 from mllm_safety.safety.generation import gather_generations, generate_for_rank
@@ -80,10 +80,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, required=True, help="Folder for report.json, generations.jsonl, ...")
     parser.add_dataclass_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
     parser.add_dataclass_arguments(RuntimeSettings, "runtime", help="Devices and precision.")
-    # The rest of a fit config: read for defaults (trainer) or ignored (data, seed).
+    # The rest of a fit config: read for defaults (trainer) or ignored (data).
     parser.add_argument("--trainer", type=dict[str, Any] | None, default=None, help="Fit config's trainer section.")
     parser.add_argument("--data", type=dict[str, Any] | None, default=None, help="Fit config's data (not used).")
-    parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="Not used (greedy decoding).")
+    parser.add_argument(
+        "--seed_everything", type=int | bool | None, default=0, help="Seed the model is built with (the fit's)."
+    )
     return parser
 
 
@@ -113,6 +115,18 @@ def load_trained_weights(module: torch.nn.Module, ckpt_path: str) -> int:
     return len(state)
 
 
+def build(parser: ArgumentParser, cfg: Namespace) -> Namespace:
+    """The model and the evaluation settings, built like ``mllm_safety.fit`` builds the model: after seeding with
+    the config's seed, so the parts a checkpoint does not hold (frozen and randomly initialised ones, such as the
+    demo's vision tower) come out exactly as they were in training, and identical on every rank. The fit config's
+    trainer and data sections stay plain data."""
+    seed = cfg.seed_everything
+    seed_everything(seed if isinstance(seed, int) and not isinstance(seed, bool) else 0, verbose=False)
+    to_build = cfg.clone()
+    to_build.trainer = to_build.data = None
+    return parser.instantiate_classes(to_build)
+
+
 def main(args: list[str] | None = None) -> dict[str, Any] | None:
     """Run the evaluation; returns the report's figures on rank 0 (None elsewhere)."""
     parser = build_parser()
@@ -126,10 +140,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
         precision=runtime.precision or trainer.get("precision", "32-true"),
     )
     fabric.launch()
-    # Only the model and the evaluation settings are built: the fit config's trainer and data sections stay data.
-    to_build = cfg.clone()
-    to_build.trainer = to_build.data = None
-    init = parser.instantiate_classes(to_build)
+    init = build(parser, cfg)
     settings: EvaluationSettings = init.eval
     specs = settings.benchmarks or callback_benchmarks(cfg.trainer) or [BenchmarkSpec("demo")]
     sets = [s for spec in specs for s in load_benchmark(spec, settings.limit)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
 
-from mllm_safety.evaluate import callback_benchmarks, load_trained_weights, main
+from mllm_safety.evaluate import build, build_parser, callback_benchmarks, load_trained_weights, main
+from mllm_safety.fit import main as fit_main
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
@@ -74,6 +75,32 @@ def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_p
     assert "1 prompt(s) skipped" in summary
 
 
+def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
+    """Frozen random parts (the tiny vision tower, the random LLM) are not in the checkpoint: the fit config's seed
+    rebuilds them, the checkpoint adds what trained."""
+    fit = fit_main(
+        [
+            "--config",
+            CONFIG,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    checkpoint = next(Path(fit.trainer.logger.log_dir).glob("checkpoints/*.ckpt"))
+    parser = build_parser()
+    module = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path)])).model
+    load_trained_weights(module, str(checkpoint))
+    trained = dict(fit.model.named_parameters())
+    differ = [name for name, p in module.named_parameters() if not torch.equal(p, trained[name])]
+    assert not differ, differ[:3]
+
+
 def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):
     trained = tiny_module()
     with torch.no_grad():
@@ -113,7 +140,18 @@ def test_benchmarks_default_to_those_of_the_fit_configs_callback():
 def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
     """The user path for several devices: Fabric launches the ranks, each generates for its slice."""
     benchmarks = benchmarks_arg(tmp_path)
-    common = ["-m", "mllm_safety.evaluate", "--config", CONFIG, "--eval.benchmarks", benchmarks]
+    ckpt = tmp_path / "varied.ckpt"  # every weight of a model whose greedy replies differ from prompt to prompt
+    torch.save({"state_dict": tiny_module().state_dict()}, ckpt)
+    common = [
+        "-m",
+        "mllm_safety.evaluate",
+        "--config",
+        CONFIG,
+        "--eval.benchmarks",
+        benchmarks,
+        "--ckpt_path",
+        str(ckpt),
+    ]
     common += ["--eval.max_new_tokens", "3", "--runtime.accelerator", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     reports = {}
@@ -124,6 +162,8 @@ def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         reports[devices] = json.loads((out / "report.json").read_text())
         reports[devices]["lines"] = (out / "generations.jsonl").read_text()
+    replies = {json.loads(line)["reply"] for line in reports[1]["lines"].splitlines()}
+    assert len(replies) > 4, "replies differ, so comparing them means something"
     assert reports[2]["settings"].pop("world_size") == 2
     assert reports[1]["settings"].pop("world_size") == 1
     assert reports[2] == reports[1]
