@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from lightning.fabric import Fabric, seed_everything
 
 from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
@@ -73,13 +73,14 @@ class RuntimeSettings:
 
 
 def build_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
     parser = ArgumentParser(prog="python -m mllm_safety.evaluate", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="The fit config of the model to evaluate.")
     parser.add_class_arguments(SafetyAlignModule, "model", help="The model (the fit config's model section).")
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint of mllm_safety.fit to load.")
     parser.add_argument("--output", type=str, required=True, help="Folder for report.json, generations.jsonl, ...")
-    parser.add_dataclass_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
-    parser.add_dataclass_arguments(RuntimeSettings, "runtime", help="Devices and precision.")
+    parser.add_class_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
+    parser.add_class_arguments(RuntimeSettings, "runtime", help="Devices and precision.")
     # The rest of a fit config: read for defaults (trainer) or ignored (data).
     parser.add_argument("--trainer", type=dict[str, Any] | None, default=None, help="Fit config's trainer section.")
     parser.add_argument("--data", type=dict[str, Any] | None, default=None, help="Fit config's data (not used).")
