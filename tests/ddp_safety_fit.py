@@ -1,5 +1,5 @@
-"""``python tests/ddp_safety_fit.py OUT DEVICES``: one training step of the tiny model under Lightning (DDP when
-DEVICES is 2) with the safety callback evaluating before it; rank 0 writes the callback's history to OUT."""
+"""``python tests/ddp_safety_fit.py OUT DEVICES``: a few training steps of the tiny model under Lightning (DDP when
+DEVICES is 2) with the safety callback; rank 0 writes the callback's history to OUT."""
 
 import json
 import sys
@@ -15,7 +15,8 @@ from mllm_safety.safety.benchmarks import BenchmarkSpec
 from mllm_safety.safety.callback import SafetyEvalCallback
 
 
-def main(out: Path, devices: int) -> None:
+def fit_tiny(out: Path, devices: int, callback: SafetyEvalCallback, accumulate: int = 1) -> L.Trainer:
+    """Train the tiny model on 8 one-turn samples (batches of 2), up to 4 optimizer steps, with ``callback``."""
     module = tiny_module()
     module.train()
     records = [
@@ -24,12 +25,12 @@ def main(out: Path, devices: int) -> None:
     ]
     samples = [module.processor(parse_llava_record(record, None)) for record in records]
     loader = DataLoader(samples, batch_size=2, collate_fn=module.processor.collate)
-    callback = SafetyEvalCallback([BenchmarkSpec("demo", limit=5)], max_new_tokens=4, batch_size=4, log_table=False)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
-        max_steps=1,
+        max_steps=4 // accumulate,
+        accumulate_grad_batches=accumulate,
         logger=CSVLogger(str(out)),
         callbacks=[callback],
         enable_progress_bar=False,
@@ -37,7 +38,12 @@ def main(out: Path, devices: int) -> None:
         enable_checkpointing=False,
     )
     trainer.fit(module, loader)
-    if trainer.is_global_zero:
+    return trainer
+
+
+def main(out: Path, devices: int) -> None:
+    callback = SafetyEvalCallback([BenchmarkSpec("demo", limit=5)], max_new_tokens=4, batch_size=4, log_table=False)
+    if fit_tiny(out, devices, callback).is_global_zero:
         (out / "history.json").write_text(json.dumps(callback.history))
 
 

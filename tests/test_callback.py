@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from ddp_safety_fit import fit_tiny
 from lightning.pytorch.loggers import WandbLogger
 from safety_fixtures import tiny_module, write_figstep, write_xstest
 
@@ -54,11 +55,26 @@ def test_logs_figures_under_safety_and_a_table_of_the_first_rows_of_each_set(tmp
     assert "safety/asr/figstep_image" in callback.summary()
 
 
+def test_evaluates_every_n_optimizer_steps_once_per_step_with_gradient_accumulation(tmp_path):
+    callback = SafetyEvalCallback(
+        [BenchmarkSpec("demo", modes=["text"], limit=2)],
+        max_new_tokens=2,
+        every_n_epochs=None,
+        every_n_steps=1,
+        baseline=False,
+        log_table=False,
+    )
+    fit_tiny(tmp_path, 1, callback, accumulate=2)
+    assert [label for label, _ in callback.history] == ["step 1", "step 2"]
+
+
 def test_bad_callback_options_are_rejected():
     with pytest.raises(ValueError, match="unknown judge 'llamaguard'"):
         SafetyEvalCallback(judge="llamaguard")
     with pytest.raises(ValueError, match="must be >= 1"):
         SafetyEvalCallback(batch_size=0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        SafetyEvalCallback(every_n_steps=0)
 
 
 def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(tmp_path):
@@ -73,6 +89,7 @@ def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(t
         done = subprocess.run(command, cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         histories[devices] = json.loads((out / "history.json").read_text())
-    assert [label for label, _ in histories[2]] == [label for label, _ in histories[1]] == ["before", "epoch 0"]
+    assert [label for label, _ in histories[2]] == ["before", "epoch 0", "epoch 1"], "4 steps, 2 per epoch"
+    assert [label for label, _ in histories[1]] == ["before", "epoch 0"]
     assert histories[2][0] == histories[1][0], "same weights before training, same figures"
     assert "safety/over_refusal/demo_benign" in histories[2][0][1]

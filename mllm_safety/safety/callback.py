@@ -33,7 +33,8 @@ class SafetyEvalCallback(L.Callback):
         max_new_tokens: int = 48,
         batch_size: int = 16,
         limit: int | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
         baseline: bool = True,
         log_table: bool = True,
         table_rows: int = 8,
@@ -46,7 +47,8 @@ class SafetyEvalCallback(L.Callback):
             max_new_tokens: Tokens generated per reply; refusals show in the first few dozen.
             batch_size: Prompts generated together per device.
             limit: Use at most ``limit`` prompts of each set (quick checks); a benchmark's own ``limit`` wins.
-            every_n_epochs: Evaluate after every n-th training epoch.
+            every_n_epochs: Evaluate after every n-th training epoch (``null``: not at epoch ends).
+            every_n_steps: Also evaluate after every n-th optimizer step (LLaVA-style runs are a single epoch).
             baseline: Also evaluate before the first training step.
             log_table: Log a W&B table of image, prompt, reply and verdict (with a W&B logger).
             table_rows: Rows of each set in that table (its first prompts).
@@ -54,13 +56,18 @@ class SafetyEvalCallback(L.Callback):
         self.benchmarks = list(benchmarks) if benchmarks is not None else [BenchmarkSpec("demo")]
         if judge not in KEYWORD_JUDGES:
             raise ValueError(f"unknown judge {judge!r}; choose from {', '.join(KEYWORD_JUDGES)}")
-        if min(max_new_tokens, batch_size, every_n_epochs, table_rows) < 1 or (limit is not None and limit < 1):
-            raise ValueError("max_new_tokens, batch_size, every_n_epochs, table_rows and limit must be >= 1")
+        optional = [value for value in (limit, every_n_epochs, every_n_steps) if value is not None]
+        if min(max_new_tokens, batch_size, table_rows, *optional) < 1:
+            raise ValueError(
+                "max_new_tokens, batch_size, table_rows, limit, every_n_epochs and every_n_steps must be >= 1"
+            )
         self.judge = KeywordJudge(judge)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.limit = limit
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
         self.baseline = baseline
         self.log_table = log_table
         self.table_rows = table_rows
@@ -85,8 +92,15 @@ class SafetyEvalCallback(L.Callback):
         if self.baseline:
             self.evaluate(trainer, pl_module, "before")
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end on the same optimizer step: evaluate once.
+        if self.every_n_steps and step % self.every_n_steps == 0 and step not in (0, self._last_step):
+            self._last_step = step
+            self.evaluate(trainer, pl_module, f"step {step}")
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
