@@ -24,7 +24,7 @@ from statistics import fmean
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from mllm_safety.safety.benchmarks import EvalSet
+from mllm_safety.safety.benchmarks import EvalPrompt, EvalSet
 from mllm_safety.safety.generation import Generation
 from mllm_safety.safety.judge import Judge
 
@@ -44,7 +44,7 @@ class EvaluationResult:
     """Judge name -> verdict code of every prompt (1 refused/unsafe, 0 not, UNKNOWN, SKIPPED)."""
 
 
-def all_prompts(sets: list[EvalSet]):
+def all_prompts(sets: list[EvalSet]) -> list[EvalPrompt]:
     """The prompts of every set in order: the index space shared by generation and reduction."""
     return [prompt for eval_set in sets for prompt in eval_set.prompts]
 
