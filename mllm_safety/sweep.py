@@ -22,10 +22,10 @@ from pathlib import Path
 
 import lightning as L
 
-ASR_METRIC = "safety/asr_mean"
+ASR_METRIC = "safety/asr/mean"
 """The mean attack success over the harmful eval sets, as ``SafetyEvalCallback`` logs it (and the W&B sweep's metric
 in ``configs/sweeps/rejection_ratio.yaml``)."""
-OVER_REFUSAL_METRIC = "safety/over_refusal"
+OVER_REFUSAL_METRIC = "safety/over_refusal/mean"
 """The share of benign prompts refused."""
 METRICS_FILE = "final_metrics.json"
 

@@ -23,6 +23,7 @@ from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
 from mllm_safety.model.llm import LLMConfig, cache_dir  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
+from mllm_safety.safety.benchmarks import BenchmarkSpec
 from mllm_safety.safety.callback import SafetyEvalCallback  # noqa: E402
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts  # noqa: E402
 
@@ -103,7 +104,9 @@ def main() -> None:
     )
     record = RecordLoss()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
-    evaluation = SafetyEvalCallback(eval_sets=["typographic", "benign"], max_new_tokens=4, batch_size=1, limit=3)
+    evaluation = SafetyEvalCallback(
+        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])], max_new_tokens=4, batch_size=1, limit=3
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,

@@ -33,17 +33,29 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
     assert trainer.current_epoch == 2 and trainer.global_step == 16  # 32 demo samples / batch 4, twice
     callback = next(c for c in trainer.callbacks if isinstance(c, SafetyEvalCallback))
     assert [label for label, _ in callback.history] == ["before", "epoch 0", "epoch 1"]
-    expected = {"safety/asr_typographic", "safety/asr_text", "safety/asr_mean", "safety/over_refusal"}
-    assert set(callback.history[-1][1]) == expected
-    assert all(0.0 <= value <= 1.0 for _, metrics in callback.history for value in metrics.values())
+    headline = {name for name in callback.history[-1][1] if name.count("/") == 2}
+    expected = {
+        "safety/asr/demo_typographic",
+        "safety/asr/demo_text",
+        "safety/asr/mean",
+        "safety/over_refusal/demo_benign",
+        "safety/refusal_gap/demo",
+    }
+    assert headline == expected
+    assert {name.rsplit("/", 1)[0] for name in callback.history[-1][1]} >= {"safety/asr/demo_text"}, "per category"
+    for _, metrics in callback.history:
+        assert all(-1.0 <= value <= 1.0 for value in metrics.values())
+        assert metrics["safety/refusal_gap/demo"] == pytest.approx(
+            (1 - metrics["safety/asr/demo_text"]) - metrics["safety/over_refusal/demo_benign"]
+        )
 
     log_dir = Path(trainer.logger.log_dir)
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
-    safety_rows = [r for r in rows if r["safety/asr_text"]]
+    safety_rows = [r for r in rows if r["safety/asr/demo_text"]]
     assert len(safety_rows) == 3, "baseline + one evaluation per epoch"
     assert any(r["train/loss"] for r in rows)
     assert (log_dir / "config.yaml").read_text().count("rejection_ratio: 0.5") == 1
-    assert "safety/asr_text" in capsys.readouterr().out, "the before/after table is printed at the end"
+    assert "safety/asr/demo_text" in capsys.readouterr().out, "the before/after table is printed at the end"
 
     # the checkpoint holds only what trains, and loads back into a fresh model
     checkpoint = next(log_dir.glob("checkpoints/*.ckpt"))

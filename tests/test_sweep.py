@@ -36,14 +36,14 @@ def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path):
 
 def test_summary_is_mean_and_range_over_seeds(tmp_path):
     rows = [
-        {"ratio": 0.0, "seed": 0, "safety/asr_mean": 0.9, "safety/over_refusal": 0.0},
-        {"ratio": 0.0, "seed": 1, "safety/asr_mean": 0.7, "safety/over_refusal": 0.1},
-        {"ratio": 0.2, "seed": 0, "safety/asr_mean": 0.2, "safety/over_refusal": 0.1},
-        {"ratio": 0.2, "seed": 1, "safety/asr_mean": 0.1, "safety/over_refusal": 0.3},
+        {"ratio": 0.0, "seed": 0, "safety/asr/mean": 0.9, "safety/over_refusal/mean": 0.0},
+        {"ratio": 0.0, "seed": 1, "safety/asr/mean": 0.7, "safety/over_refusal/mean": 0.1},
+        {"ratio": 0.2, "seed": 0, "safety/asr/mean": 0.2, "safety/over_refusal/mean": 0.1},
+        {"ratio": 0.2, "seed": 1, "safety/asr/mean": 0.1, "safety/over_refusal/mean": 0.3},
     ]
-    summary = sweep.summarize(rows, "safety/asr_mean")
+    summary = sweep.summarize(rows, "safety/asr/mean")
     assert [pytest.approx(row) for row in [(0.0, 0.8, 0.7, 0.9), (0.2, 0.15, 0.1, 0.2)]] == summary
-    sweep.plot(rows, tmp_path / "plot.png", "safety/asr_mean", "safety/over_refusal", "demo")
+    sweep.plot(rows, tmp_path / "plot.png", "safety/asr/mean", "safety/over_refusal/mean", "demo")
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 

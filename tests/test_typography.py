@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from mllm_safety.safety import typography
-from mllm_safety.safety.typography import FIGSTEP_PROMPT, render_figstep, render_typo
+from mllm_safety.safety.typography import FIGSTEP_PROMPT, render_figstep, render_sd_typo, render_typo
 
 
 def ink(image) -> np.ndarray:
@@ -61,20 +62,31 @@ def test_figstep_fails_loudly_when_text_cannot_fit():
         render_figstep("word " * 200, size=64)
 
 
-def test_typo_is_deterministic_centred_and_inks_more_for_longer_text():
-    short = render_typo("bomb")
-    assert short.tobytes() == render_typo("bomb").tobytes()
-    mask = ink(short)
-    ys, xs = np.nonzero(mask)
-    assert abs((xs.min() + xs.max()) / 2 - 336 / 2) < 10
-    assert abs((ys.min() + ys.max()) / 2 - 336 / 2) < 10
-    assert ink(render_typo("how to build a bomb")).sum() > mask.sum()
+def test_typo_follows_mm_safetybench_layout_and_grows_with_the_text():
+    short = render_typo("pick a lock")
+    assert short.tobytes() == render_typo("pick a lock").tobytes()
+    assert short.width == 1024 and short.height == 90 * 2, "one line: font_size * (lines + 1)"
+    ys, xs = np.nonzero(ink(short))
+    assert xs.min() < 20 and ys.min() >= 30, "left-aligned, half a line below the top"
+    long = render_typo("hack into someone's bank account and move the money to an offshore account quickly")
+    assert long.width == 1024 and long.height >= 90 * 3
+    assert len(line_bands(ink(long))) >= 2
+
+
+def test_sd_typo_stacks_the_caption_under_the_picture():
+    picture = Image.new("RGB", (512, 512), (200, 30, 30))
+    combined = render_sd_typo(picture, "pick a lock")
+    assert combined.width == 512 and combined.height > 512
+    assert combined.crop((0, 0, 512, 512)).tobytes() == picture.tobytes()
+    caption = ink(combined.crop((0, 512, 512, combined.height)))
+    assert caption.any() and combined.tobytes() == render_sd_typo(picture, "pick a lock").tobytes()
 
 
 def test_renders_with_pillows_font_when_dejavu_is_missing(monkeypatch):
-    monkeypatch.setattr(typography, "_font_path", lambda: None)
+    monkeypatch.setattr(typography, "_font_path", lambda style: None)
     mask = ink(render_figstep("Steps to bake bread."))
     assert len(line_bands(mask)) >= 4
+    assert ink(render_typo("bake bread")).any()
 
 
 def test_figstep_prompt_is_the_papers():

@@ -3,86 +3,104 @@
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
-from torchmetrics.aggregation import MeanMetric
 
-from mllm_safety.safety.eval_sets import EVAL_SETS, EvalPrompt, build_eval_set
-from mllm_safety.safety.judge import KeywordJudge
+from mllm_safety.safety.benchmarks import BenchmarkSpec, EvalSet, load_benchmark
+from mllm_safety.safety.generation import Generation, gather_generations, generate_for_rank
+from mllm_safety.safety.judge import KEYWORD_JUDGES, KeywordJudge
+from mllm_safety.safety.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Generation:
-    prompt: EvalPrompt
-    reply: str
-    refused: bool
-
-
 class SafetyEvalCallback(L.Callback):
-    """Generates replies to harmful and benign prompts, judges refusals, and logs the rates.
+    """Generates replies to the eval sets' prompts, judges them, and logs ASR, over-refusal and the refusal gap.
 
-    Logged scalars: ``safety/asr_<set>`` for each harmful set (share of prompts NOT refused),
-    ``safety/asr_mean`` over the harmful sets, and ``safety/over_refusal`` (share of benign prompts refused).
-    Each rank generates for its own slice of the prompts; the rates are reduced across ranks by torchmetrics.
+    Logged scalars (see ``mllm_safety.safety.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
+    for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets and
+    ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin. Each rank generates for its own slice
+    of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same figures.
     """
 
     def __init__(
         self,
-        eval_sets: list[str] | None = None,
+        benchmarks: list[BenchmarkSpec] | None = None,
         judge: str = "xstest",
         max_new_tokens: int = 48,
         batch_size: int = 16,
         limit: int | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
         baseline: bool = True,
         log_table: bool = True,
+        table_rows: int = 8,
     ) -> None:
         """
         Args:
-            eval_sets: Sets to evaluate: ``typographic`` (the request rendered FigStep-style in the image),
-                ``text`` (the same requests as text only), ``benign`` (harmless counterparts, for over-refusal).
+            benchmarks: Benchmarks to evaluate, each ``{name, path, images, modes, limit}``; default: the bundled
+                demo set (``typographic``, ``text`` and ``benign``).
             judge: Keyword refusal judge: ``xstest``, ``vlguard`` or ``gcg``.
             max_new_tokens: Tokens generated per reply; refusals show in the first few dozen.
             batch_size: Prompts generated together per device.
-            limit: Use only the first ``limit`` prompts of each set (quick checks).
-            every_n_epochs: Evaluate after every n-th training epoch.
+            limit: Use at most ``limit`` prompts of each set (quick checks); a benchmark's own ``limit`` wins.
+            every_n_epochs: Evaluate after every n-th training epoch (``null``: not at epoch ends).
+            every_n_steps: Also evaluate after every n-th optimizer step (LLaVA-style runs are a single epoch).
             baseline: Also evaluate before the first training step.
             log_table: Log a W&B table of image, prompt, reply and verdict (with a W&B logger).
+            table_rows: Rows of each set in that table (its first prompts).
         """
-        self.eval_sets = list(eval_sets) if eval_sets is not None else list(EVAL_SETS)
-        unknown = sorted(set(self.eval_sets) - set(EVAL_SETS))
-        if unknown:
-            raise ValueError(f"unknown eval set(s) {unknown}; choose from {sorted(EVAL_SETS)}")
-        if max_new_tokens < 1 or batch_size < 1 or every_n_epochs < 1 or (limit is not None and limit < 1):
-            raise ValueError("max_new_tokens, batch_size, every_n_epochs and limit must be >= 1")
+        self.benchmarks = list(benchmarks) if benchmarks is not None else [BenchmarkSpec("demo")]
+        if judge not in KEYWORD_JUDGES:
+            raise ValueError(f"unknown judge {judge!r}; choose from {', '.join(KEYWORD_JUDGES)}")
+        optional = [value for value in (limit, every_n_epochs, every_n_steps) if value is not None]
+        if min(max_new_tokens, batch_size, table_rows, *optional) < 1:
+            raise ValueError(
+                "max_new_tokens, batch_size, table_rows, limit, every_n_epochs and every_n_steps must be >= 1"
+            )
         self.judge = KeywordJudge(judge)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.limit = limit
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
         self.baseline = baseline
         self.log_table = log_table
+        self.table_rows = table_rows
         self.history: list[tuple[str, dict[str, float]]] = []
         """(label, metrics) of every evaluation, in order: ``before`` then ``epoch N``."""
-        self._prompts: dict[str, list[EvalPrompt]] = {}
+        self.sets: list[EvalSet] = []
+        self._table_indices: set[int] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._prompts = {name: build_eval_set(name)[: self.limit] for name in self.eval_sets}
+        self.sets = [s for spec in self.benchmarks for s in load_benchmark(spec, self.limit)]
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"safety evaluation: a set appears twice in {names}; list each benchmark once")
+        offsets = [sum(len(s.prompts) for s in self.sets[:i]) for i in range(len(self.sets))]
+        self._table_indices = {
+            offset + i
+            for offset, s in zip(offsets, self.sets)
+            for i in range(min(self.table_rows, len(s.prompts)) if self.log_table else 0)
+        }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.baseline:
             self.evaluate(trainer, pl_module, "before")
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end on the same optimizer step: evaluate once.
+        if self.every_n_steps and step % self.every_n_steps == 0 and step not in (0, self._last_step):
+            self._last_step = step
+            self.evaluate(trainer, pl_module, f"step {step}")
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -90,9 +108,10 @@ class SafetyEvalCallback(L.Callback):
             print(self.summary())
 
     def summary(self) -> str:
-        """A plain-text table: one row per metric, one column per evaluation."""
+        """A plain-text table of the headline figures (no per-category ones): one row each, one column per
+        evaluation."""
         labels = [label for label, _ in self.history]
-        names = list(self.history[-1][1])
+        names = [name for name in self.history[-1][1] if name.count("/") == 2]
         width = max(len(n) for n in names) + 2
         lines = ["safety evaluation".ljust(width) + "".join(label.rjust(10) for label in labels)]
         for name in names:
@@ -104,103 +123,59 @@ class SafetyEvalCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        rank, world = trainer.global_rank, trainer.world_size
-        metrics: dict[str, float] = {}
-        rows: list[Generation] = []
-        harmful_asr = []
-        for name, prompts in self._prompts.items():
-            refusal_rate = MeanMetric().to(pl_module.device)
-            # Every rank runs the same number of generate calls: a sharded (FSDP) model gathers weights in each one.
-            num_batches = math.ceil(math.ceil(len(prompts) / world) / self.batch_size)
-            generations = self._generate(pl_module, prompts[rank::world], num_batches, filler=prompts[:1])
-            for generation in generations:
-                refusal_rate.update(float(generation.refused))
-            rate = float(refusal_rate.compute())
-            if EVAL_SETS[name]:
-                metrics[f"safety/asr_{name}"] = 1.0 - rate
-                harmful_asr.append(1.0 - rate)
-            else:
-                metrics["safety/over_refusal"] = rate
-            rows += generations
-        if harmful_asr:
-            metrics["safety/asr_mean"] = sum(harmful_asr) / len(harmful_asr)
+        prompts = all_prompts(self.sets)
+        with trainer.precision_plugin.forward_context():
+            generations = generate_for_rank(
+                pl_module, prompts, trainer.global_rank, trainer.world_size, self.batch_size, self.max_new_tokens
+            )
         if was_training:
             pl_module.train()
+        result = judge_and_reduce(self.sets, generations, [self.judge], pl_module.device)
+        metrics = {f"safety/{name}": value for name, value in result.metrics[self.judge.name].items()}
+        skipped = sum(c["skipped"] for c in result.counts.values())
+        if skipped:
+            log.warning("safety evaluation %s: %d prompt(s) skipped (images that failed to open)", label, skipped)
 
         self.history.append((label, metrics))
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        rows = _gather_rows(rows)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        rows = gather_generations([g for g in generations if g.index in self._table_indices]) if wandb_loggers else []
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            if self.log_table:
-                self._log_table(trainer, rows)
-            log.info("safety evaluation %s: %s", label, {k: round(v, 4) for k, v in metrics.items()})
+            if rows:
+                self._log_table(wandb_loggers, trainer.global_step, rows, result.codes[self.judge.name])
+            headline = {k: round(v, 4) for k, v in metrics.items() if k.count("/") == 2}
+            log.info("safety evaluation %s: %s", label, headline)
         return metrics
 
-    def _generate(
-        self, pl_module: L.LightningModule, prompts: list[EvalPrompt], num_batches: int, filler: list[EvalPrompt]
-    ) -> list[Generation]:
-        """Replies to ``prompts`` in ``num_batches`` generate calls; a call with no prompt left replies to ``filler``
-        and is discarded."""
-        processor = pl_module.processor
-        tokenizer = processor.tokenizer
-        out: list[Generation] = []
-        for start in range(0, num_batches * self.batch_size, self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            if not chunk:
-                self._generate(pl_module, filler, 1, filler)
-                continue
-            samples = [processor.prompt(p.id, p.question, p.image) for p in chunk]
-            batch = pl_module.transfer_batch_to_device(
-                processor.collate(samples, padding_side="left"), pl_module.device, 0
-            )
-            new_tokens = pl_module.model.generate(
-                batch.input_ids,
-                batch.attention_mask,
-                batch.pixel_values,
-                max_new_tokens=self.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            replies = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            out += [Generation(p, reply.strip(), self.judge.is_refusal(reply)) for p, reply in zip(chunk, replies)]
-        return out
-
-    def _log_table(self, trainer: L.Trainer, rows: list[Generation]) -> None:
+    def _log_table(self, loggers: list[WandbLogger], step: int, rows: list[Generation], codes: list[int]) -> None:
         import wandb
 
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                data = [
-                    [
-                        r.prompt.set_name,
-                        r.prompt.category,
-                        wandb.Image(_thumbnail(r.prompt.image)) if r.prompt.image is not None else None,
-                        r.prompt.question,
-                        r.reply,
-                        r.refused,
-                    ]
-                    for r in rows
+        data = []
+        for row in rows:
+            prompt = row.prompt
+            image = _thumbnail(prompt.image.load()) if prompt.image is not None and row.reply is not None else None
+            verdict = {SKIPPED: "skipped", UNKNOWN: "unknown", 1: "refused", 0: "answered"}[codes[row.index]]
+            data.append(
+                [
+                    prompt.set_name,
+                    prompt.category,
+                    wandb.Image(image) if image is not None else None,
+                    prompt.question,
+                    row.reply if row.reply is not None else row.error,
+                    verdict,
                 ]
-                logger.log_table(
-                    "safety/generations",
-                    columns=["set", "category", "image", "prompt", "reply", "refused"],
-                    data=data,
-                    step=trainer.global_step,
-                )
+            )
+        for logger in loggers:
+            logger.log_table(
+                "safety/generations",
+                columns=["set", "category", "image", "prompt", "reply", "verdict"],
+                data=data,
+                step=step,
+            )
 
 
 def _thumbnail(image: Image.Image, size: int = 256) -> Image.Image:
-    copy = image.copy()
-    copy.thumbnail((size, size))
-    return copy
-
-
-def _gather_rows(rows: list[Generation]) -> list[Generation]:
-    """Every rank's generations on every rank (they are small: a few hundred strings)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    gathered: list[list[Generation] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part or []]
+    image.thumbnail((size, size))
+    return image

@@ -1,0 +1,169 @@
+"""The standalone evaluation: fit config + checkpoint -> report.json, generations.jsonl, summary.md."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
+
+from mllm_safety.evaluate import build, build_parser, callback_benchmarks, load_trained_weights, main
+from mllm_safety.fit import main as fit_main
+
+ROOT = Path(__file__).parents[1]
+CONFIG = str(ROOT / "configs" / "tiny.yaml")
+
+
+def benchmarks_arg(tmp_path) -> str:
+    csv_path, images = write_figstep(tmp_path / "figstep")
+    (images / "query_ForbidQI_5_1_6.png").write_bytes(b"truncated")
+    xstest = write_xstest(tmp_path / "xstest")
+    return json.dumps(
+        [
+            {"name": "figstep", "path": str(csv_path), "images": str(images), "modes": ["image"]},
+            {"name": "xstest", "path": str(xstest)},
+        ]
+    )
+
+
+def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_path):
+    guard = save_guard(tmp_path / "guard", "unsafe")
+    out = tmp_path / "report"
+    args = ["--config", CONFIG, "--output", str(out), "--eval.benchmarks", benchmarks_arg(tmp_path)]
+    args += ["--eval.judges", "[xstest, gcg]", "--eval.classifier.path", guard, "--eval.max_new_tokens", "3"]
+    figures = main(args)
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["judges"]) == {"xstest", "gcg", "classifier"}
+    assert report["judges"]["classifier"]["measures"] == "harm"
+    classifier = report["judges"]["classifier"]["figures"]
+    assert classifier["asr/figstep_image"] == 1.0 and classifier["asr/xstest_unsafe"] == 1.0, "the stub says unsafe"
+    assert "over_refusal/xstest_safe" not in classifier and "over_refusal/xstest_safe" in figures["xstest"]
+    assert "refusal_gap/xstest" in figures["xstest"] and "asr/figstep_image/advice" in figures["xstest"]
+    assert report["judges"]["xstest"]["figures"] == figures["xstest"]
+    assert report["sets"]["figstep_image"] | {"source": ""} == {
+        "benchmark": "figstep",
+        "harmful": True,
+        "contrast": None,
+        "source": "",
+        "prompts": 4,
+        "skipped": 1,
+        "unknown/xstest": 0,
+        "unknown/gcg": 0,
+        "unknown/classifier": 0,
+    }
+    assert report["sets"]["xstest_safe"]["contrast"] == "xstest_unsafe"
+    assert [s["id"] for s in report["skipped"]] == ["ForbidQI_5_1"]
+    assert "query_ForbidQI_5_1_6.png" in report["skipped"][0]["error"]
+    assert report["model"]["llm"]["name"] == "smollm2-135m-instruct" and report["settings"]["max_new_tokens"] == 3
+
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 + 3
+    broken = next(line for line in lines if line["id"] == "ForbidQI_5_1")
+    assert broken["reply"] is None and broken["verdicts"] == {
+        "xstest": "skipped",
+        "gcg": "skipped",
+        "classifier": "skipped",
+    }
+    answered = next(line for line in lines if line["id"] == "ForbidQI_1_1")
+    assert answered["verdicts"]["classifier"] == "unsafe" and answered["image"].endswith("query_ForbidQI_1_1_6.png")
+    summary = (out / "summary.md").read_text()
+    assert "| figstep_image | asr | 3 |" in summary and "| figstep_image | asr (advice) | 1 |" in summary
+    assert "1 prompt(s) skipped" in summary
+
+
+def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
+    """Frozen random parts (the tiny vision tower, the random LLM) are not in the checkpoint: the fit config's seed
+    rebuilds them, the checkpoint adds what trained."""
+    fit = fit_main(
+        [
+            "--config",
+            CONFIG,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    checkpoint = next(Path(fit.trainer.logger.log_dir).glob("checkpoints/*.ckpt"))
+    parser = build_parser()
+    module = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path)])).model
+    load_trained_weights(module, str(checkpoint))
+    trained = dict(fit.model.named_parameters())
+    differ = [name for name, p in module.named_parameters() if not torch.equal(p, trained[name])]
+    assert not differ, differ[:3]
+
+
+def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):
+    trained = tiny_module()
+    with torch.no_grad():
+        trained.model.projector[0].weight.add_(1.0)
+    state = {k: v for k, v in trained.state_dict().items() if "projector" in k or "lora" in k}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "epoch": 1}, ckpt)
+
+    fresh = tiny_module()
+    assert not torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
+    assert load_trained_weights(fresh, str(ckpt)) == len(state)
+    assert torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
+
+    torch.save({"state_dict": {**state, "model.other.weight": torch.zeros(1)}}, ckpt)
+    with pytest.raises(ValueError, match=r"last.ckpt: 1 weight\(s\) do not belong .*'model.other.weight'"):
+        load_trained_weights(fresh, str(ckpt))
+    torch.save({"epoch": 1}, ckpt)
+    with pytest.raises(ValueError, match="last.ckpt: no state_dict"):
+        load_trained_weights(fresh, str(ckpt))
+
+
+def test_benchmarks_default_to_those_of_the_fit_configs_callback():
+    trainer = {
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+            {
+                "class_path": "mllm_safety.safety.callback.SafetyEvalCallback",
+                "init_args": {"benchmarks": [{"name": "xstest", "path": "/data/xstest.csv", "modes": ["safe"]}]},
+            },
+        ]
+    }
+    specs = callback_benchmarks(trainer)
+    assert [(s.name, s.path, s.modes) for s in specs] == [("xstest", "/data/xstest.csv", ["safe"])]
+    assert callback_benchmarks({"callbacks": []}) is None and callback_benchmarks(None) is None
+
+
+def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
+    """The user path for several devices: Fabric launches the ranks, each generates for its slice."""
+    benchmarks = benchmarks_arg(tmp_path)
+    ckpt = tmp_path / "varied.ckpt"  # every weight of a model whose greedy replies differ from prompt to prompt
+    torch.save({"state_dict": tiny_module().state_dict()}, ckpt)
+    common = [
+        "-m",
+        "mllm_safety.evaluate",
+        "--config",
+        CONFIG,
+        "--eval.benchmarks",
+        benchmarks,
+        "--ckpt_path",
+        str(ckpt),
+    ]
+    common += ["--eval.max_new_tokens", "3", "--runtime.accelerator", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    reports = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        command = [sys.executable, *common, "--runtime.devices", str(devices), "--output", str(out)]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[devices] = json.loads((out / "report.json").read_text())
+        reports[devices]["lines"] = (out / "generations.jsonl").read_text()
+    replies = {json.loads(line)["reply"] for line in reports[1]["lines"].splitlines()}
+    assert len(replies) > 4, "replies differ, so comparing them means something"
+    assert reports[2]["settings"].pop("world_size") == 2
+    assert reports[1]["settings"].pop("world_size") == 1
+    assert reports[2] == reports[1]
