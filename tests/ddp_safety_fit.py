@@ -42,6 +42,7 @@ def fit_tiny(out: Path, devices: int, callback: SafetyEvalCallback, accumulate: 
 
 
 def main(out: Path, devices: int) -> None:
+    # the same callback settings as tests/test_callback.py's single-process run
     callback = SafetyEvalCallback([BenchmarkSpec("demo", limit=5)], max_new_tokens=4, batch_size=4, log_table=False)
     if fit_tiny(out, devices, callback).is_global_zero:
         (out / "history.json").write_text(json.dumps(callback.history))

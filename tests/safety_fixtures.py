@@ -13,9 +13,15 @@ from mllm_safety.model.llm import LLMConfig
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import LoraSettings, SafetyAlignModule
 
-SHARED_FIGSTEP = Path(__file__).resolve().parents[2] / "shared" / "data" / "figstep"
-if not SHARED_FIGSTEP.is_dir():
-    SHARED_FIGSTEP = Path("/work/shared/data/figstep")
+SHARED_FIGSTEP = next(
+    (
+        folder / "shared" / "data" / "figstep"
+        for folder in Path(__file__).resolve().parents
+        if (folder / "shared" / "data" / "figstep").is_dir()
+    ),
+    Path("shared/data/figstep (not found)"),
+)
+"""The reference FigStep files (``../shared/data/figstep`` beside the checkout, or further up), when present."""
 
 TINY_LLM = {
     "hidden_size": 32,

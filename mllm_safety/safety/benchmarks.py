@@ -253,7 +253,10 @@ def load_figstep(path: str, images: str | None, modes: tuple[str, ...]) -> list[
         if "text" in prompts:
             name = _set_name("figstep", "text")
             prompts["text"].append(EvalPrompt(key, name, question=row["question"], image=None, **common))
-    return [EvalSet(_set_name("figstep", m), "figstep", True, p, source=source) for m, p in prompts.items()]
+    return [
+        EvalSet(_set_name("figstep", m), "figstep", True, p, source=source if m == "image" else str(path))
+        for m, p in prompts.items()
+    ]
 
 
 def load_mmsafetybench(path: str, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
