@@ -39,6 +39,7 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
         "safety/asr/demo_text",
         "safety/asr/mean",
         "safety/over_refusal/demo_benign",
+        "safety/over_refusal/mean",
         "safety/refusal_gap/demo",
     }
     assert headline == expected
