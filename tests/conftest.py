@@ -6,17 +6,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_models import TINY_LLM  # noqa: E402
 
 from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer  # noqa: E402
-
-TINY_LLM = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-}
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from tiny_models import TINY_LLM  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -27,14 +28,6 @@ from mllm_safety.safety.benchmarks import BenchmarkSpec
 from mllm_safety.safety.callback import SafetyEvalCallback  # noqa: E402
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts  # noqa: E402
 
-TINY_LLM = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-}
 GLOBAL_BATCH = 4
 BATCHES_PER_EPOCH = 2
 PROMPTS = ["Describe the image.", "What is the capital of France?", "List three colours.", "Say hello."]
