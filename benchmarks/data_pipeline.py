@@ -32,6 +32,7 @@ import open_clip
 import torch
 from PIL import Image, ImageDraw
 
+from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder
 from mllm_safety.data.convert import convert
 from mllm_safety.data.manifest import Manifest
@@ -41,7 +42,6 @@ from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, decode_sample, read_slice
 from mllm_safety.data.streaming import ShardStream
 from mllm_safety.model.llm import LLMConfig, load_tokenizer
-from mllm_safety.model.mllm import IMAGE_TOKEN_ID
 
 WORDS = (
     "the a image shows person people man woman dog cat street table car building tree sky water food plate "

@@ -14,10 +14,10 @@ import time
 
 import torch
 
+from mllm_safety.evaluation.generation import generate_for_rank
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 from mllm_safety.model.llm import LLMConfig
 from mllm_safety.model.vision import VisionConfig
-from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
-from mllm_safety.safety.generation import generate_for_rank
 from mllm_safety.train.module import LoraSettings, SafetyAlignModule
 
 

@@ -29,9 +29,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm_safety.data.processor import Batch
 from mllm_safety.model.llm import LLMConfig
-from mllm_safety.model.mllm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts
 

@@ -20,11 +20,11 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from lightning.fabric import Fabric, seed_everything
 
-from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
-from mllm_safety.safety.generation import gather_generations, generate_for_rank
-from mllm_safety.safety.judge import KEYWORD_JUDGES, ClassifierJudge, ClassifierSettings, KeywordJudge
-from mllm_safety.safety.metrics import all_prompts, judge_and_reduce
-from mllm_safety.safety.report import write_report
+from mllm_safety.evaluation.generation import gather_generations, generate_for_rank
+from mllm_safety.evaluation.judge import KEYWORD_JUDGES, ClassifierJudge, ClassifierSettings, KeywordJudge
+from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.report import write_report
 from mllm_safety.train.module import SafetyAlignModule
 
 log = logging.getLogger(__name__)

@@ -70,6 +70,7 @@ def main(args: list[str] | None = None) -> SafetyCLI:
         seed_everything_default=0,
         trainer_defaults={"callbacks": [ExactResume()]},
     )
+    cli.datamodule.connect(cli.model.processor)
     try:
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.resume_path())
     except JobRequeued as requeued:

@@ -10,12 +10,12 @@ import lightning as L
 from PIL import Image
 from torchvision import transforms as T
 
+from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder
 from mllm_safety.data.manifest import Manifest, ShardSetWriter
 from mllm_safety.data.processor import MultimodalProcessor
 from mllm_safety.data.selection import select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, manifest_entries
-from mllm_safety.model.mllm import IMAGE_TOKEN_ID
 
 
 def png_bytes(colour: str | tuple[int, int, int] = "red", size: int = 32) -> bytes:

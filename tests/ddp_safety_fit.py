@@ -11,8 +11,8 @@ from safety_fixtures import tiny_module
 from torch.utils.data import DataLoader
 
 from mllm_safety.data.conversation import parse_llava_record
-from mllm_safety.safety.benchmarks import BenchmarkSpec
-from mllm_safety.safety.callback import SafetyEvalCallback
+from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.evaluation.registry import BenchmarkSpec
 
 
 def fit_tiny(out: Path, devices: int, callback: SafetyEvalCallback, accumulate: int = 1) -> L.Trainer:

@@ -20,12 +20,13 @@ from tiny_models import TINY_LLM  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from mllm_safety.constants import cache_dir  # noqa: E402
 from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
-from mllm_safety.model.llm import LLMConfig, cache_dir  # noqa: E402
+from mllm_safety.evaluation.callback import SafetyEvalCallback  # noqa: E402
+from mllm_safety.evaluation.registry import BenchmarkSpec
+from mllm_safety.model.llm import LLMConfig  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
-from mllm_safety.safety.benchmarks import BenchmarkSpec
-from mllm_safety.safety.callback import SafetyEvalCallback  # noqa: E402
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts  # noqa: E402
 
 GLOBAL_BATCH = 4

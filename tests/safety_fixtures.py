@@ -214,10 +214,10 @@ def evaluate_shard(rank: int, world: int, init_file: str, out_file: str, specs: 
     figures, verdict codes and replies it ends up with to ``out_file``."""
     import torch.distributed as dist
 
-    from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
-    from mllm_safety.safety.generation import gather_generations, generate_for_rank
-    from mllm_safety.safety.judge import KeywordJudge
-    from mllm_safety.safety.metrics import all_prompts, judge_and_reduce
+    from mllm_safety.evaluation.generation import gather_generations, generate_for_rank
+    from mllm_safety.evaluation.judge import KeywordJudge
+    from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+    from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

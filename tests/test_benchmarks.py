@@ -13,16 +13,9 @@ from safety_fixtures import (
     write_xstest,
 )
 
-from mllm_safety.safety.benchmarks import (
-    BadImage,
-    BenchmarkSpec,
-    CaptionedImage,
-    FigStepImage,
-    ImageFile,
-    TypoImage,
-    load_benchmark,
-)
-from mllm_safety.safety.typography import FIGSTEP_PROMPT
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.sets import BadImage, CaptionedImage, FigStepImage, ImageFile, TypoImage
+from mllm_safety.evaluation.typography import FIGSTEP_PROMPT
 
 
 def sets_by_name(spec: BenchmarkSpec, limit: int | None = None):

@@ -10,8 +10,8 @@ from ddp_safety_fit import fit_tiny
 from lightning.pytorch.loggers import WandbLogger
 from safety_fixtures import tiny_module, write_figstep, write_xstest
 
-from mllm_safety.safety.benchmarks import BenchmarkSpec
-from mllm_safety.safety.callback import SafetyEvalCallback
+from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.evaluation.registry import BenchmarkSpec
 
 
 def test_logs_figures_under_safety_and_a_table_of_the_first_rows_of_each_set(tmp_path, monkeypatch):

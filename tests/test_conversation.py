@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
+from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import ChatEncoder, SampleError, parse_llava_record
-from mllm_safety.model.mllm import IGNORE_INDEX
 
 IMAGE = object()  # parse_llava_record only checks presence
 

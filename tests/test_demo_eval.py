@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from mllm_safety.safety.demo_eval import load_demo_eval
+from mllm_safety.evaluation.tasks.demo import load_demo_eval
 
 
 def test_bundled_set_has_six_categories_of_six_with_unique_ids():

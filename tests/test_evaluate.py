@@ -127,7 +127,7 @@ def test_benchmarks_default_to_those_of_the_fit_configs_callback():
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
             {
-                "class_path": "mllm_safety.safety.callback.SafetyEvalCallback",
+                "class_path": "mllm_safety.evaluation.callback.SafetyEvalCallback",
                 "init_args": {"benchmarks": [{"name": "xstest", "path": "/data/xstest.csv", "modes": ["safe"]}]},
             },
         ]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.fit import main
-from mllm_safety.safety.callback import SafetyEvalCallback
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 

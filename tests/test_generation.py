@@ -5,11 +5,11 @@ import pytest
 import torch.multiprocessing as mp
 from safety_fixtures import evaluate_shard, tiny_module, write_figstep
 
-from mllm_safety.safety import generation
-from mllm_safety.safety.benchmarks import BenchmarkSpec, load_benchmark
-from mllm_safety.safety.generation import generate_for_rank, rank_slice
-from mllm_safety.safety.judge import KeywordJudge
-from mllm_safety.safety.metrics import all_prompts, judge_and_reduce
+from mllm_safety.evaluation import generation
+from mllm_safety.evaluation.generation import generate_for_rank, rank_slice
+from mllm_safety.evaluation.judge import KeywordJudge
+from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 
 
 @pytest.fixture(scope="module")

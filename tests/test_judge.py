@@ -1,7 +1,7 @@
 import pytest
 from safety_fixtures import save_guard
 
-from mllm_safety.safety.judge import (
+from mllm_safety.evaluation.judge import (
     GCG_MARKERS,
     VLGUARD_MARKERS,
     XSTEST_MARKERS,

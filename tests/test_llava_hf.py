@@ -16,6 +16,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import ChatEncoder, parse_llava_record
 from mllm_safety.data.processor import MultimodalProcessor
 from mllm_safety.model.llava_hf import (
@@ -26,7 +27,7 @@ from mllm_safety.model.llava_hf import (
     save_llava_hf,
 )
 from mllm_safety.model.lora import LoraSettings, apply_lora
-from mllm_safety.model.mllm import IGNORE_INDEX, MultimodalLM
+from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 
 ATOL = 1e-4

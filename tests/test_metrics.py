@@ -1,9 +1,9 @@
 import pytest
 
-from mllm_safety.safety.benchmarks import EvalPrompt, EvalSet
-from mllm_safety.safety.generation import Generation
-from mllm_safety.safety.judge import KeywordJudge
-from mllm_safety.safety.metrics import SKIPPED, UNKNOWN, all_prompts, category_key, judge_and_reduce, summarize
+from mllm_safety.evaluation.generation import Generation
+from mllm_safety.evaluation.judge import KeywordJudge
+from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, category_key, judge_and_reduce, summarize
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
 
 
 def make_set(name, categories, harmful=True, advice=(), contrast=None, benchmark="bench"):

@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder, parse_llava_record
 from mllm_safety.data.processor import MultimodalProcessor
-from mllm_safety.model.mllm import IGNORE_INDEX, IMAGE_TOKEN_ID, MultimodalLM
+from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.vision import OpenClipVisionEncoder, VisionConfig
 

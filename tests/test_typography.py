@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_safety.safety import typography
-from mllm_safety.safety.typography import FIGSTEP_PROMPT, render_figstep, render_sd_typo, render_typo
+from mllm_safety.evaluation import typography
+from mllm_safety.evaluation.typography import FIGSTEP_PROMPT, render_figstep, render_sd_typo, render_typo
 
 
 def ink(image) -> np.ndarray:

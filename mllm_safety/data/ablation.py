@@ -10,7 +10,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from mllm_safety.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from mllm_safety.constants import IMAGE_PLACEHOLDER
+from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.selection import stable_uniform
 
 ImageMode = Literal["keep", "blank", "noise", "other", "drop"]

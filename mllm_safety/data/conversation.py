@@ -10,9 +10,8 @@ from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mllm_safety.model.mllm import IGNORE_INDEX
+from mllm_safety.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
-IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 

@@ -9,13 +9,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mllm_safety.constants import cache_dir
 from mllm_safety.data.processor import Batch, MultimodalProcessor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
 from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode, StreamPosition
 from mllm_safety.data.synthetic import ensure_demo_shards
-from mllm_safety.model.llm import cache_dir
 
 # The stream gives every worker its own share and reports its exact length; Lightning warns about any such dataset.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -24,8 +24,9 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 class SafetyDataModule(L.LightningDataModule):
     """Benign instruction data with a fraction of replies swapped for a rejection.
 
-    The tokenizer and image transform come from the model (``trainer.lightning_module.processor``), so the data
-    always matches the vision tower and chat template being trained.
+    The model hands over its processor (chat encoding, image transform) with :meth:`connect` before training, so the
+    data always matches the vision tower and chat template being trained, and the data layer never reaches into
+    the model.
     """
 
     def __init__(
@@ -106,6 +107,11 @@ class SafetyDataModule(L.LightningDataModule):
         self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
         self.position = StreamPosition()
+        self.processor: MultimodalProcessor | None = None
+
+    def connect(self, processor: MultimodalProcessor) -> None:
+        """Take the model's processor: how conversations become token ids and images become pixels."""
+        self.processor = processor
 
     def prepare_data(self) -> None:
         if self.train_shards is None:
@@ -142,10 +148,11 @@ class SafetyDataModule(L.LightningDataModule):
             rank_zero_info(f"rejection swap: {len(self.swap.chosen)} of {len(ids)} eligible samples")
 
     def train_dataloader(self) -> EpochLoader:
-        processor: MultimodalProcessor = self.trainer.lightning_module.processor
+        if self.processor is None:
+            raise RuntimeError("SafetyDataModule.connect(model.processor) must be called before training")
         stream = ShardStream(
             self.pieces,
-            processor,
+            self.processor,
             self.swap,
             batch_size=self.batch_size,
             mode=self.mode,
@@ -177,7 +184,7 @@ class SafetyDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Scale and normalize the ``uint8`` images on the device (see :class:`MultimodalProcessor`)."""
         if isinstance(batch, Batch):
-            batch.pixel_values = self.trainer.lightning_module.processor.finish_pixels(batch.pixel_values)
+            batch.pixel_values = self.processor.finish_pixels(batch.pixel_values)
         return batch
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

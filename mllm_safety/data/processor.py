@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import ChatEncoder, Conversation
-from mllm_safety.model.mllm import IGNORE_INDEX
 
 
 @dataclass

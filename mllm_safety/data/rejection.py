@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mllm_safety.constants import IMAGE_PLACEHOLDER
 from mllm_safety.data.ablation import ImageAblation, ImageMode
-from mllm_safety.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.selection import stable_uniform
 
 PAPER_REJECTION = "I'm sorry, but I cannot assist with your request."

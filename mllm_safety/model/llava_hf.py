@@ -25,11 +25,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mllm_safety.constants import IMAGE_PLACEHOLDER
 from mllm_safety.model.lora import merged_llm_tensors, named_tensors
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
-
-IMAGE_TOKEN = "<image>"
 
 LLAVA_V1_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -167,7 +166,7 @@ def load_llava_tokenizer(path: str, chat_template: str | None = None) -> PreTrai
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"{path!r} has no readable tokenizer: {error}") from error
-    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
     if tokenizer.convert_tokens_to_ids(image_token) != config.image_token_index:
         raise ValueError(
             f"the tokenizer in {path!r} has no {image_token!r} token with id {config.image_token_index} "
@@ -204,7 +203,7 @@ def save_llava_hf(
     kinds = [type(m) for m in projector] if isinstance(projector, nn.Sequential) else [type(projector)]
     if kinds != [nn.Linear, nn.GELU, nn.Linear]:
         raise ValueError(f"llava-hf has an mlp2x_gelu projector (Linear, GELU, Linear); this model's is {kinds}")
-    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
     if tokenizer.convert_tokens_to_ids(image_token) != model.image_token_id:
         raise ValueError(
             f"the tokenizer maps {image_token!r} to {tokenizer.convert_tokens_to_ids(image_token)}, but the model's "
@@ -273,6 +272,6 @@ def _llava_processor(vision: HFVisionEncoder, tokenizer: PreTrainedTokenizerBase
         patch_size=vision.tower.config.patch_size,
         vision_feature_select_strategy="full" if vision.keep_cls or not vision.has_cls else "default",
         chat_template=tokenizer.chat_template,
-        image_token=getattr(tokenizer, "image_token", None) or IMAGE_TOKEN,
+        image_token=getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER,
         num_additional_image_tokens=1 if vision.has_cls else 0,
     )

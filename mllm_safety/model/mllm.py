@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss: prompts, image tokens, padding."""
-
-IMAGE_TOKEN_ID = -200
-"""Input id of each image position (LLaVA's ``IMAGE_TOKEN_INDEX``): outside every vocabulary, so no embedding row is
-added to the LLM; the positions are filled with projected image features before the LLM sees them."""
+from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @dataclass

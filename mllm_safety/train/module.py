@@ -11,12 +11,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder
 from mllm_safety.data.processor import Batch, MultimodalProcessor
 from mllm_safety.model.llava_hf import LlavaHFConfig, load_llava_hf, load_llava_tokenizer
 from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer
 from mllm_safety.model.lora import LoraSettings, apply_lora
-from mllm_safety.model.mllm import IMAGE_TOKEN_ID, MultimodalLM
+from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.trainable import (
     format_parameter_counts,

@@ -9,10 +9,11 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from mllm_safety.safety.benchmarks import BenchmarkSpec, EvalSet, load_benchmark
-from mllm_safety.safety.generation import Generation, gather_generations, generate_for_rank
-from mllm_safety.safety.judge import KEYWORD_JUDGES, KeywordJudge
-from mllm_safety.safety.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce
+from mllm_safety.evaluation.generation import Generation, gather_generations, generate_for_rank
+from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
+from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.sets import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class SafetyEvalCallback(L.Callback):
     """Generates replies to the eval sets' prompts, judges them, and logs ASR, over-refusal and the refusal gap.
 
-    Logged scalars (see ``mllm_safety.safety.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
+    Logged scalars (see ``mllm_safety.evaluation.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
     for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets and
     ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin. Each rank generates for its own slice
     of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same figures.

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mllm_safety.data.processor import ModelSample
-from mllm_safety.safety.benchmarks import BadImage, EvalPrompt
+from mllm_safety.evaluation.sets import BadImage, EvalPrompt
 
 log = logging.getLogger(__name__)
 

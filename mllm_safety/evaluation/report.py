@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllm_safety.safety.benchmarks import EvalSet
-from mllm_safety.safety.generation import Generation
-from mllm_safety.safety.metrics import SKIPPED, UNKNOWN, EvaluationResult
+from mllm_safety.evaluation.generation import Generation
+from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, EvaluationResult
+from mllm_safety.evaluation.sets import EvalSet
 
 _VERDICTS = {
     "refusal": {1: "refused", 0: "answered", UNKNOWN: "unknown", SKIPPED: "skipped"},

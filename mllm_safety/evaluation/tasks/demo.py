@@ -8,10 +8,16 @@ intent (XSTest style: "How can someone kill time at an airport?"), which measure
 on keywords alone refuses those too.
 """
 
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from mllm_safety.evaluation.files import set_name
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, FigStepImage, Task
+from mllm_safety.evaluation.typography import FIGSTEP_PROMPT
 
 _FIELDS = ("id", "category", "question", "instruction", "benign")
 
@@ -42,8 +48,8 @@ class DemoEval:
 def load_demo_eval(path: str | Path | None = None) -> DemoEval:
     """Load and validate the bundled set, or a file of the same layout at ``path``."""
     if path is None:
-        source = resources.files("mllm_safety.safety") / "prompts" / "demo_eval.json"
-        name = "mllm_safety/safety/prompts/demo_eval.json"
+        source = resources.files("mllm_safety.evaluation.tasks") / "prompts" / "demo_eval.json"
+        name = "mllm_safety/evaluation/tasks/prompts/demo_eval.json"
     else:
         source, name = Path(path), str(path)
     entries = json.loads(source.read_text(encoding="utf-8"))
@@ -63,3 +69,28 @@ def load_demo_eval(path: str | Path | None = None) -> DemoEval:
         harmful.append(HarmfulRequest(entry["id"], entry["category"], entry["question"], entry["instruction"]))
         benign.append(BenignRequest(f"{entry['id']}-benign", entry["category"], entry["benign"]))
     return DemoEval(harmful=harmful, benign=benign)
+
+
+def load_demo(path: str | None, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
+    """The project's bundled set (or a file of its layout): ``typographic`` (the request rendered FigStep-style),
+    ``text`` (the same requests as text) and ``benign`` (a harmless request phrased like each harmful one)."""
+    demo = load_demo_eval(path)
+    source = path or "bundled demo set"
+    sets = []
+    for mode in modes:
+        name = set_name("demo", mode)
+        if mode == "typographic":
+            prompts = [
+                EvalPrompt(r.id, name, r.category, FIGSTEP_PROMPT, FigStepImage(r.instruction), r.question)
+                for r in demo.harmful
+            ]
+        elif mode == "text":
+            prompts = [EvalPrompt(r.id, name, r.category, r.question, None, r.question) for r in demo.harmful]
+        else:
+            prompts = [EvalPrompt(r.id, name, r.category, r.question, None, r.question) for r in demo.benign]
+        contrast = set_name("demo", "text") if mode == "benign" and "text" in modes else None
+        sets.append(EvalSet(name, "demo", mode != "benign", prompts, contrast, source))
+    return sets
+
+
+TASK = Task("demo", ("typographic", "text", "benign"), load_demo, needs_path=False)

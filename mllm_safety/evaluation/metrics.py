@@ -25,9 +25,9 @@ from statistics import fmean
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from mllm_safety.safety.benchmarks import EvalPrompt, EvalSet
-from mllm_safety.safety.generation import Generation
-from mllm_safety.safety.judge import Judge
+from mllm_safety.evaluation.generation import Generation
+from mllm_safety.evaluation.judge import Judge
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
 
 UNKNOWN = -1
 """Verdict code of a reply the judge could not classify."""

@@ -1,0 +1,93 @@
+"""MM-SafetyBench (Liu et al., ECCV 2024): 13 scenarios, each question as SD, SD+TYPO, TYPO images or text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mllm_safety.evaluation.files import existing, read_json, set_name
+from mllm_safety.evaluation.sets import CaptionedImage, EvalPrompt, EvalSet, ImageFile, ImageSource, Task, TypoImage
+
+MMSAFETYBENCH_ADVICE_SCENARIOS = frozenset({"Legal_Opinion", "Financial_Advice", "Health_Consultation"})
+"""MM-SafetyBench scenarios of the same kind (``10-Legal_Opinion`` ...), reported apart for the same reason."""
+
+_MMSB_MODES = {"sd_typo": "SD_TYPO", "typo": "TYPO", "sd": "SD"}
+
+
+def load_mmsafetybench(path: str, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
+    """MM-SafetyBench: ``processed_questions/<scenario>.json`` ({id: {"Question", "Key Phrase", "Rephrased
+    Question", "Rephrased Question(SD)", ...}}) and ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``.
+
+    SD+TYPO and TYPO ask "Rephrased Question" (which points at the phrase at the bottom of the image), SD asks
+    "Rephrased Question(SD)", text-only asks the original "Question". Missing TYPO images are rendered from the key
+    phrase, missing SD_TYPO ones by captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO
+    without them are an error.
+    """
+    root = existing(path, "MM-SafetyBench data folder", folder=True)
+    questions = existing(root / "processed_questions", "MM-SafetyBench questions folder", folder=True)
+    image_root = Path(images) if images else root / "imgs"
+    if images:
+        existing(image_root, "MM-SafetyBench images folder", folder=True)
+    files = sorted(questions.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"MM-SafetyBench: no <scenario>.json in {questions}")
+    prompts: dict[str, list[EvalPrompt]] = {mode: [] for mode in modes}
+    rendered: set[str] = set()
+    for file in files:
+        scenario = file.stem
+        records = read_json(file, "MM-SafetyBench questions")
+        if not isinstance(records, dict):
+            raise ValueError(f"{file}: expected a JSON object of question id -> question record")
+        advice = re.sub(r"^\d+-", "", scenario) in MMSAFETYBENCH_ADVICE_SCENARIOS
+        folders = {mode: image_root / scenario / sub for mode, sub in _MMSB_MODES.items()}
+        for qid, record in records.items():
+            for mode in modes:
+                question, image = _mmsb_prompt(file, qid, record, mode, folders)
+                if image is not None and not isinstance(image, ImageFile):
+                    rendered.add(mode)
+                prompts[mode].append(
+                    EvalPrompt(
+                        f"{scenario}/{qid}",
+                        set_name("mmsafetybench", mode),
+                        category=scenario,
+                        question=question,
+                        image=image,
+                        request=_field(file, qid, record, "Question"),
+                        advice=advice,
+                    )
+                )
+    sets = []
+    for mode, mode_prompts in prompts.items():
+        how = "rendered" if mode in rendered else "from " + str(image_root)
+        source = f"{questions}" + ("" if mode == "text" else f"; images {how}")
+        sets.append(EvalSet(set_name("mmsafetybench", mode), "mmsafetybench", True, mode_prompts, source=source))
+    return sets
+
+
+def _field(file: Path, qid: str, record: Any, name: str) -> str:
+    value = record.get(name) if isinstance(record, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{file}: question {qid!r} has no {name!r} text")
+    return value
+
+
+def _mmsb_prompt(
+    file: Path, qid: str, record: Any, mode: str, folders: dict[str, Path]
+) -> tuple[str, ImageSource | None]:
+    if mode == "text":
+        return _field(file, qid, record, "Question"), None
+    if mode == "sd":
+        existing(folders["sd"], "MM-SafetyBench SD images", folder=True)
+        return _field(file, qid, record, "Rephrased Question(SD)"), ImageFile(str(folders["sd"] / f"{qid}.jpg"))
+    question = _field(file, qid, record, "Rephrased Question")
+    if folders[mode].is_dir():
+        return question, ImageFile(str(folders[mode] / f"{qid}.jpg"))
+    phrase = _field(file, qid, record, "Key Phrase")
+    if mode == "typo":
+        return question, TypoImage(phrase)
+    existing(folders["sd"], "MM-SafetyBench SD images (SD_TYPO is missing too)", folder=True)
+    return question, CaptionedImage(str(folders["sd"] / f"{qid}.jpg"), phrase)
+
+
+TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench)
