@@ -22,7 +22,7 @@ from lightning.fabric import Fabric, seed_everything
 
 from mllm_safety.evaluation.generation import gather_generations, generate_for_rank
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, ClassifierJudge, ClassifierSettings, KeywordJudge
-from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce, score_utility
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 from mllm_safety.evaluation.report import write_report
 from mllm_safety.train.module import SafetyAlignModule
@@ -171,6 +171,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
         judges.append(ClassifierJudge(settings.classifier, fabric.device))
     result = judge_and_reduce(sets, generations, judges, fabric.device)
     generations = gather_generations(generations)
+    utility = score_utility(sets, generations)
     if not fabric.is_global_zero:
         return None
     meta = {
@@ -184,9 +185,10 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
             "world_size": fabric.world_size,
         },
     }
-    folder = write_report(cfg.output, sets, result, generations, {j.name: j.measures for j in judges}, meta)
+    measures = {j.name: j.measures for j in judges}
+    folder = write_report(cfg.output, sets, result, generations, measures, meta, utility)
     print((folder / "summary.md").read_text(encoding="utf-8"))
-    return result.metrics
+    return {**result.metrics, "utility": utility}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,15 @@ import pytest
 
 from mllm_safety.evaluation.generation import Generation
 from mllm_safety.evaluation.judge import KeywordJudge
-from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, category_key, judge_and_reduce, summarize
+from mllm_safety.evaluation.metrics import (
+    SKIPPED,
+    UNKNOWN,
+    all_prompts,
+    category_key,
+    judge_and_reduce,
+    score_utility,
+    summarize,
+)
 from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
 
 
@@ -73,3 +81,19 @@ def test_reduction_in_one_process_judges_and_counts_every_prompt():
     assert result.counts["a_text"] == {"prompts": 3, "skipped": 1, "unknown/xstest": 0, "unknown/gcg": 0}
     with pytest.raises(RuntimeError, match="2 verdicts for 5 prompts"):
         judge_and_reduce(sets, generations[:2], [KeywordJudge("xstest")])
+
+
+def test_utility_sets_are_scored_against_targets_and_left_out_of_refusal_figures():
+    def accuracy(prompts, replies):
+        return {"accuracy": sum(p.target == r for p, r in zip(prompts, replies)) / len(prompts), "n": len(prompts)}
+
+    prompts = [EvalPrompt(str(i), "shapes_qa", None, f"q{i}", None, f"q{i}", target=t) for i, t in enumerate("ABCD")]
+    utility = EvalSet("shapes_qa", "shapes", False, prompts, scorer=accuracy)
+    harmful = make_set("demo_text", ["x", "x"])
+    generations = [Generation(i, p, r) for i, (p, r) in enumerate(zip(all_prompts([harmful]), ["ok", "Sorry"]))]
+    generations += [Generation(2 + i, p, r) for i, (p, r) in enumerate(zip(prompts, ["A", "B", "X", None]))]
+    figures = summarize([harmful, utility], [0, 1, 1, 1, 1, SKIPPED], "refusal")
+    assert figures == {"asr/demo_text": 0.5, "asr/demo_text/x": 0.5, "asr/mean": 0.5}, "no over-refusal of utility"
+    assert score_utility([harmful, utility], generations) == {"shapes_qa": {"accuracy": 2 / 3, "n": 3}}
+    with pytest.raises(ValueError, match="cannot be harmful"):
+        EvalSet("bad", "b", True, prompts, scorer=accuracy)

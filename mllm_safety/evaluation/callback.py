@@ -11,7 +11,7 @@ from PIL import Image
 
 from mllm_safety.evaluation.generation import Generation, gather_generations, generate_for_rank
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
-from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce
+from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce, score_utility
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 from mllm_safety.evaluation.sets import EvalSet
 
@@ -22,8 +22,9 @@ class SafetyEvalCallback(L.Callback):
     """Generates replies to the eval sets' prompts, judges them, and logs ASR, over-refusal and the refusal gap.
 
     Logged scalars (see ``mllm_safety.evaluation.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
-    for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets and
-    ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin. Each rank generates for its own slice
+    for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets,
+    ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin, and ``utility/<set>/<metric>`` for
+    utility sets. Each rank generates for its own slice
     of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same figures.
     """
 
@@ -133,6 +134,9 @@ class SafetyEvalCallback(L.Callback):
             pl_module.train()
         result = judge_and_reduce(self.sets, generations, [self.judge], pl_module.device)
         metrics = {f"safety/{name}": value for name, value in result.metrics[self.judge.name].items()}
+        if any(s.is_utility for s in self.sets):
+            utility = score_utility(self.sets, gather_generations(generations))  # every rank gathers (a collective)
+            metrics |= {f"utility/{s}/{metric}": v for s, figures in utility.items() for metric, v in figures.items()}
         skipped = sum(c["skipped"] for c in result.counts.values())
         if skipped:
             log.warning("safety evaluation %s: %d prompt(s) skipped (images that failed to open)", label, skipped)

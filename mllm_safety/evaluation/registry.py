@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from mllm_safety.evaluation.sets import EvalSet
@@ -60,4 +61,4 @@ def _limited(eval_set: EvalSet, limit: int) -> EvalSet:
     if n <= limit:
         return eval_set
     picked = [eval_set.prompts[i * n // limit] for i in range(limit)]
-    return EvalSet(eval_set.name, eval_set.benchmark, eval_set.harmful, picked, eval_set.contrast, eval_set.source)
+    return dataclasses.replace(eval_set, prompts=picked)

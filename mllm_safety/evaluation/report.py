@@ -23,9 +23,12 @@ def write_report(
     generations: list[Generation],
     measures: dict[str, str],
     meta: dict[str, Any],
+    utility: dict[str, dict[str, float]] | None = None,
 ) -> Path:
     """Write the three files into ``output`` (created if needed); ``measures`` maps judge name -> what it measures
-    (``refusal`` or ``harm``), ``meta`` is recorded as is (model config, checkpoint, settings)."""
+    (``refusal`` or ``harm``), ``meta`` is recorded as is (model config, checkpoint, settings), ``utility`` maps
+    utility set -> metric -> value."""
+    utility = utility or {}
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     skipped = [{"set": g.prompt.set_name, "id": g.prompt.id, "error": g.error} for g in generations if g.reply is None]
@@ -42,6 +45,7 @@ def write_report(
             for s in sets
         },
         "judges": {name: {"measures": measures[name], "figures": figures} for name, figures in result.metrics.items()},
+        "utility": utility,
         "skipped": skipped,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -61,7 +65,9 @@ def write_report(
                 "verdicts": {name: _VERDICTS[measures[name]][codes[g.index]] for name, codes in result.codes.items()},
             }
             handle.write(json.dumps(record) + "\n")
-    (folder / "summary.md").write_text(summary_markdown(sets, result, measures, meta, len(skipped)), encoding="utf-8")
+    (folder / "summary.md").write_text(
+        summary_markdown(sets, result, measures, meta, len(skipped), utility), encoding="utf-8"
+    )
     return folder
 
 
@@ -70,7 +76,12 @@ def _pct(value: float | None) -> str:
 
 
 def summary_markdown(
-    sets: list[EvalSet], result: EvaluationResult, measures: dict[str, str], meta: dict[str, Any], skipped: int
+    sets: list[EvalSet],
+    result: EvaluationResult,
+    measures: dict[str, str],
+    meta: dict[str, Any],
+    skipped: int,
+    utility: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """Headline figures per set and judge, the refusal gaps, and the per-category ASR of the first judge."""
     judges = list(result.metrics)
@@ -86,6 +97,8 @@ def summary_markdown(
         "| --- | --- | ---: | " + " | ".join("---:" for _ in judges) + " |",
     ]
     for s in sets:
+        if s.is_utility:
+            continue
         figure = "asr" if s.harmful else "over_refusal"
         advice = sum(p.advice for p in s.prompts)
         rows = [(figure, f"{figure}/{s.name}", len(s.prompts) - advice)]
@@ -102,6 +115,19 @@ def summary_markdown(
             f"- {gap.split('/', 1)[1]}: "
             + ", ".join(f"{j} {result.metrics[j][gap]:+.3f}" for j in judges if gap in result.metrics[j])
             for gap in gaps
+        ]
+    if utility:
+        lines += [
+            "",
+            "Utility (benign tasks with checkable answers):",
+            "",
+            "| set | metric | value |",
+            "| --- | --- | ---: |",
+        ]
+        lines += [
+            f"| {name} | {metric} | {value:.4f} |"
+            for name, figures in utility.items()
+            for metric, value in figures.items()
         ]
     first = judges[0]
     categories = [(k, v) for k, v in result.metrics[first].items() if k.count("/") == 2 and not k.endswith("/advice")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -99,20 +100,40 @@ class EvalPrompt:
     advice: bool = False
     """A request where answering can be legitimate (legal, financial, health advice): reported apart, left out of
     the set's headline ASR."""
+    target: Any = None
+    """For a utility prompt: the reference answer(s) its set's scorer compares the reply with."""
+
+
+Scorer = Callable[[list["EvalPrompt"], list[str]], dict[str, float]]
+"""A utility set's scoring: (prompts, their replies) -> metric name -> value. Prompts whose image failed to open are
+left out before scoring."""
 
 
 @dataclass(frozen=True)
 class EvalSet:
+    """Prompts scored together: harmful (ASR), benign (over-refusal) or, with a ``scorer``, utility (accuracy ...)."""
+
     name: str
     benchmark: str
     harmful: bool
-    """Harmful prompts (ASR is measured) or benign ones (over-refusal is measured)."""
+    """Harmful prompts (ASR is measured) or benign ones (over-refusal, or utility with a ``scorer``)."""
     prompts: list[EvalPrompt]
     contrast: str | None = None
     """For a benign set: the harmful set phrased like it; the refusal gap is the refusal rate on that set minus the
     rate on this one."""
     source: str = ""
     """Where the prompts and images came from, for the report."""
+    scorer: Scorer | None = None
+    """Makes this a utility set: its replies are scored against the prompts' targets (``utility/<set>/<metric>``)
+    instead of judged for refusal."""
+
+    def __post_init__(self) -> None:
+        if self.scorer is not None and self.harmful:
+            raise ValueError(f"set {self.name}: a utility set (with a scorer) cannot be harmful")
+
+    @property
+    def is_utility(self) -> bool:
+        return self.scorer is not None
 
 
 @dataclass(frozen=True)
