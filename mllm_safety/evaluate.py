@@ -2,8 +2,10 @@
 
 CONFIG is the config the model was trained with: its ``model`` section rebuilds the model (frozen parts from their
 sources), and the checkpoint adds the trained weights (LoRA, projector: all a checkpoint of ``mllm_safety.fit``
-holds). The benchmarks default to those of the config's ``SafetyEvalCallback``. Writes ``report.json`` (every
-figure), ``generations.jsonl`` (every prompt, reply and verdict) and ``summary.md`` into DIR.
+holds), from a Lightning checkpoint file, the sharded folder an FSDP2 run saves, or ``trainable.safetensors``; frozen
+parts rebuilt from the config must match the checkpoint's fingerprints. The benchmarks default to those of the
+config's ``SafetyEvalCallback``. Writes ``report.json`` (every figure), ``generations.jsonl`` (every prompt, reply and
+verdict) and ``summary.md`` into DIR.
 
 Several devices (``--runtime.devices 8``, or a SLURM / torchrun launch) each generate for a slice of the prompts.
 """
@@ -25,6 +27,7 @@ from mllm_safety.evaluation.judge import KEYWORD_JUDGES, ClassifierJudge, Classi
 from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce, score_utility
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 from mllm_safety.evaluation.report import write_report
+from mllm_safety.train.checkpoints import load_checkpoint_weights
 from mllm_safety.train.module import SafetyAlignModule
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,13 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m mllm_safety.evaluate", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="The fit config of the model to evaluate.")
     parser.add_class_arguments(SafetyAlignModule, "model", help="The model (the fit config's model section).")
-    parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint of mllm_safety.fit to load.")
+    parser.add_argument(
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="Trained weights of mllm_safety.fit: a Lightning checkpoint file, the folder an FSDP2 run saves, or "
+        "trainable.safetensors.",
+    )
     parser.add_argument("--output", type=str, required=True, help="Folder for report.json, generations.jsonl, ...")
     parser.add_class_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
     parser.add_class_arguments(RuntimeSettings, "runtime", help="Devices and precision.")
@@ -99,21 +108,6 @@ def callback_benchmarks(trainer: dict[str, Any] | None) -> list[BenchmarkSpec] |
             if specs:
                 return [BenchmarkSpec(**spec) for spec in specs]
     return None
-
-
-def load_trained_weights(module: torch.nn.Module, ckpt_path: str) -> int:
-    """Load a checkpoint's weights (only trainable ones are in it) into the rebuilt model; returns how many."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{ckpt_path}: no state_dict with weights in this checkpoint")
-    result = module.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(
-            f"{ckpt_path}: {len(result.unexpected_keys)} weight(s) do not belong to the configured model "
-            f"(e.g. {result.unexpected_keys[0]!r}); was it trained with this config?"
-        )
-    return len(state)
 
 
 def build(parser: ArgumentParser, cfg: Namespace) -> Namespace:
@@ -148,8 +142,8 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
 
     module: SafetyAlignModule = init.model
     if cfg.ckpt_path:
-        count = load_trained_weights(module, cfg.ckpt_path)
-        log.info("loaded %d trained tensors from %s", count, cfg.ckpt_path)
+        loaded = load_checkpoint_weights(module, cfg.ckpt_path)
+        log.info("loaded %d trained tensors from %s", len(loaded), cfg.ckpt_path)
     # Data parallel: every rank holds the whole model and generates for its own slice; nothing to wrap.
     module = fabric.strategy.precision.convert_module(module).to(fabric.device).eval()
     with fabric.autocast():

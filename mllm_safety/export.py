@@ -40,7 +40,7 @@ def export(
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = load_llava_hf(base, dtype=torch_dtype, image_aspect_ratio=image_aspect_ratio)
     if trainable is not None:
-        load_trainable(model, trainable)
+        load_trainable(model, trainable, require_every_trainable=False)  # a bare base model, not set up to train
     tokenizer = load_llava_tokenizer(base, chat_template)
     save_llava_hf(model, out, tokenizer)
 

@@ -2,7 +2,8 @@
 
 Run by tests/test_parallel.py as ``python tests/distributed_fit.py --devices 2 --strategy fsdp2 --out DIR``; Lightning
 relaunches the same command line for the other ranks. Every step's global batch is the same whatever the number of
-processes (rank r takes samples r, r+N, ... of it), so one process and N processes must agree.
+processes and micro-batches (``--accumulate K`` cuts it into K micro-batches, and rank r takes samples r, r+N, ... of
+each), so one process, N processes and gradient accumulation must agree.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from mllm_safety.constants import cache_dir  # noqa: E402
 from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
 from mllm_safety.evaluation.callback import SafetyEvalCallback  # noqa: E402
-from mllm_safety.evaluation.registry import BenchmarkSpec
+from mllm_safety.evaluation.registry import BenchmarkSpec  # noqa: E402
 from mllm_safety.model.llm import LLMConfig  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
+from mllm_safety.train.checkpoints import TrainableWeightsCheckpoint  # noqa: E402
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -35,7 +37,12 @@ PROMPTS = ["Describe the image.", "What is the capital of France?", "List three 
 
 
 class FixedBatches(L.LightningDataModule):
-    """``BATCHES_PER_EPOCH`` global batches of the demo data, split over the ranks sample by sample."""
+    """``BATCHES_PER_EPOCH`` global batches of the demo data, each cut into ``accumulate`` micro-batches, split over
+    the ranks sample by sample."""
+
+    def __init__(self, accumulate: int) -> None:
+        super().__init__()
+        self.accumulate = accumulate
 
     def train_dataloader(self) -> DataLoader:
         processor = self.trainer.lightning_module.processor
@@ -43,16 +50,27 @@ class FixedBatches(L.LightningDataModule):
         conversations = list(iter_conversations(str(shards[0])))[: GLOBAL_BATCH * BATCHES_PER_EPOCH]
         samples = [processor(c) for c in conversations]
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        batches = [samples[i : i + GLOBAL_BATCH][rank::world] for i in range(0, len(samples), GLOBAL_BATCH)]
+        micro = GLOBAL_BATCH // self.accumulate
+        batches = [samples[i : i + micro][rank::world] for i in range(0, len(samples), micro)]
         return DataLoader(batches, batch_size=None, collate_fn=processor.collate)
 
 
-class RecordLoss(L.Callback):
+class RecordSteps(L.Callback):
+    """The logged loss of every optimizer step, and the gradients of the first one (whole tensors, on every rank)."""
+
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.first_gradients: dict[str, torch.Tensor] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: no optimizer step yet
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        if len(self.losses) == 1:  # gradients stay until the next step's first micro-batch zeroes them
+            for name, param in pl_module.named_parameters():
+                if param.grad is not None:
+                    grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+                    self.first_gradients[name] = grad.detach().cpu().clone()
 
 
 def generate_uneven(module: SafetyAlignModule, trainer: L.Trainer) -> list[torch.Tensor]:
@@ -80,6 +98,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
@@ -96,7 +115,7 @@ def main() -> None:
         optim=OptimSettings(lr=1e-2, projector_lr=1e-2, warmup_ratio=0.0),
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    record = RecordLoss()
+    record = RecordSteps()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
     evaluation = SafetyEvalCallback(
         benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])], max_new_tokens=4, batch_size=1, limit=3
@@ -107,14 +126,20 @@ def main() -> None:
         strategy=args.strategy,
         precision=args.precision,
         max_epochs=args.epochs,
+        accumulate_grad_batches=args.accumulate,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=args.out,
-        callbacks=[record, evaluation, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1)],
+        callbacks=[
+            record,
+            evaluation,
+            TrainableWeightsCheckpoint(),
+            ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1),
+        ],
     )
-    trainer.fit(module, FixedBatches(), ckpt_path=args.ckpt_path)
+    trainer.fit(module, FixedBatches(args.accumulate), ckpt_path=args.ckpt_path)
 
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     full_state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -126,6 +151,7 @@ def main() -> None:
         torch.save(
             {
                 "losses": record.losses,
+                "first_gradients": record.first_gradients,
                 "weights": {k: v for k, v in full_state.items() if k in trainable},
                 "replies": replies,
                 "uneven": uneven,

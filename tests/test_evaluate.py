@@ -10,8 +10,9 @@ import pytest
 import torch
 from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
 
-from mllm_safety.evaluate import build, build_parser, callback_benchmarks, load_trained_weights, main
+from mllm_safety.evaluate import build, build_parser, callback_benchmarks, main
 from mllm_safety.fit import main as fit_main
+from mllm_safety.train.checkpoints import load_checkpoint_weights
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
@@ -92,10 +93,10 @@ def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
             str(tmp_path),
         ]
     )
-    checkpoint = next(Path(fit.trainer.logger.log_dir).glob("checkpoints/*.ckpt"))
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
     parser = build_parser()
     module = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path)])).model
-    load_trained_weights(module, str(checkpoint))
+    load_checkpoint_weights(module, str(checkpoint))
     trained = dict(fit.model.named_parameters())
     differ = [name for name, p in module.named_parameters() if not torch.equal(p, trained[name])]
     assert not differ, differ[:3]
@@ -111,15 +112,19 @@ def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path)
 
     fresh = tiny_module()
     assert not torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
-    assert load_trained_weights(fresh, str(ckpt)) == len(state)
+    assert load_checkpoint_weights(fresh, str(ckpt)) == sorted(state)
     assert torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
 
     torch.save({"state_dict": {**state, "model.other.weight": torch.zeros(1)}}, ckpt)
-    with pytest.raises(ValueError, match=r"last.ckpt: 1 weight\(s\) do not belong .*'model.other.weight'"):
-        load_trained_weights(fresh, str(ckpt))
+    with pytest.raises(ValueError, match=r"last.ckpt holds 1 weight\(s\) the model does not have.*model.other.weight"):
+        load_checkpoint_weights(fresh, str(ckpt))
+    # a checkpoint without some trained weight would leave it at its initial value: refused, as on resume
+    torch.save({"state_dict": {k: v for k, v in state.items() if "projector" not in k}}, ckpt)
+    with pytest.raises(ValueError, match=r"last.ckpt lacks 4 trainable weight\(s\).*model.projector.0.bias"):
+        load_checkpoint_weights(fresh, str(ckpt))
     torch.save({"epoch": 1}, ckpt)
     with pytest.raises(ValueError, match="last.ckpt: no state_dict"):
-        load_trained_weights(fresh, str(ckpt))
+        load_checkpoint_weights(fresh, str(ckpt))
 
 
 def test_benchmarks_default_to_those_of_the_fit_configs_callback():

@@ -58,8 +58,8 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
     assert (log_dir / "config.yaml").read_text().count("rejection_ratio: 0.5") == 1
     assert "safety/asr/demo_text" in capsys.readouterr().out, "the before/after table is printed at the end"
 
-    # the checkpoint holds only what trains, and loads back into a fresh model
-    checkpoint = next(log_dir.glob("checkpoints/*.ckpt"))
+    # the checkpoint, in the run's own folder, holds only what trains
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
     assert set(state) == trainable and any("lora" in n for n in state) and any("projector" in n for n in state)

@@ -1,5 +1,7 @@
-"""FSDP2 on 2 CPU processes: the same training as one process, generation through the sharded model, sharded resume."""
+"""FSDP2 on 2 CPU processes: the same training as one process (gradient accumulation included), generation through
+the sharded model, sharded resume, and evaluating what the sharded run wrote."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +11,26 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tiny_models import TINY_LLM
 
-from mllm_safety.train.parallel import FSDP2Strategy, decoder_layers, global_token_mean
+from mllm_safety.evaluate import build, build_parser
+from mllm_safety.evaluate import main as evaluate_main
+from mllm_safety.model.llm import LLMConfig
+from mllm_safety.model.vision import VisionConfig
+from mllm_safety.train.checkpoints import load_checkpoint_weights
+from mllm_safety.train.module import LoraSettings, OptimSettings, TrainableParts
+from mllm_safety.train.parallel import FSDP2Strategy, decoder_layers
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "tests" / "distributed_fit.py"
+MODEL_SECTION = {
+    "llm": {"random_init": TINY_LLM},
+    "vision": {"name": "tiny-vit"},
+    "max_length": 256,
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "optim": {"lr": 1e-2, "projector_lr": 1e-2, "warmup_ratio": 0.0},
+}
+"""The model distributed_fit.py trains, as the ``model`` section of a fit config."""
 
 
 def run_script(out: Path, *args: str) -> dict:
@@ -37,14 +54,35 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fsdp2_on_two_processes_trains_like_one_and_resumes_from_its_sharded_checkpoint(tmp_path):
-    single = run_script(tmp_path / "single")
-    sharded = run_script(tmp_path / "fsdp2", "--devices", "2", "--strategy", "fsdp2")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """The same two epochs of 2 global batches: whole batches in one process, 2 accumulated micro-batches in one
+    process, and 2 accumulated micro-batches under FSDP2 on 2 processes."""
+    root = tmp_path_factory.mktemp("runs")
+    commands = {
+        "single": [],
+        "accumulated": ["--accumulate", "2"],
+        "fsdp2": ["--devices", "2", "--strategy", "fsdp2", "--accumulate", "2"],
+    }
+    return {name: (root / name, run_script(root / name, *args)) for name, args in commands.items()}
+
+
+def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any("projector" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_accumulated_micro_batches_on_one_or_two_fsdp2_processes_train_like_whole_batches(runs):
+    single, accumulated, sharded = (runs[name][1] for name in ("single", "accumulated", "fsdp2"))
     assert sharded["world_size"] == 2 and len(single["losses"]) == len(sharded["losses"]) == 4
-    # the loss is one mean over the reply tokens of both ranks, so every step matches the single process
-    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    # one mean over the reply tokens of both micro-batches (and both ranks): the gradients of a whole batch
+    assert_same_gradients(accumulated["first_gradients"], single["first_gradients"])
+    assert_same_gradients(sharded["first_gradients"], single["first_gradients"])
+    for run in (accumulated, sharded):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+        assert_same_weights(run["weights"], single["weights"])
     assert single["losses"][-1] < single["losses"][0]
-    assert_same_weights(sharded["weights"], single["weights"])
     # generation runs through the sharded root (the safety callback before, during and after training, and directly)
     assert torch.equal(sharded["replies"], single["replies"])
     # ranks whose replies end at different lengths keep gathering the layers together (no hang), same tokens
@@ -52,12 +90,42 @@ def test_fsdp2_on_two_processes_trains_like_one_and_resumes_from_its_sharded_che
     assert all(torch.equal(a, b) for a, b in zip(sharded["uneven"], single["uneven"], strict=True))
     assert [label for label, _ in sharded["safety"]] == ["before", "epoch 0", "epoch 1"]
 
-    # each rank wrote its shard of the trainable weights only; resuming after epoch 0 ends where the full run ended
-    checkpoint = tmp_path / "fsdp2" / "checkpoints" / "epoch=0-step=2.ckpt"
+
+def test_fsdp2_resumes_from_its_sharded_checkpoint(runs, tmp_path):
+    """Each rank wrote its shard of the trainable weights only; resuming after epoch 0 ends where the full run ended,
+    and keeps the safety evaluations of the first epoch instead of evaluating trained weights as the baseline."""
+    (folder, sharded), (_, single) = runs["fsdp2"], runs["single"]
+    checkpoint = folder / "checkpoints" / "epoch=0-step=2.ckpt"
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    resumed = run_script(tmp_path / "resumed", "--devices", "2", "--strategy", "fsdp2", "--ckpt_path", str(checkpoint))
+    args = ["--devices", "2", "--strategy", "fsdp2", "--accumulate", "2", "--ckpt_path", str(checkpoint)]
+    resumed = run_script(tmp_path, *args)
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(single["losses"][2:]), rtol=1e-5, atol=0)
     assert_same_weights(resumed["weights"], single["weights"])
+    assert resumed["safety"] == sharded["safety"]
+
+
+def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(runs, tmp_path):
+    """``evaluate --ckpt_path`` on the sharded checkpoint folder and on trainable.safetensors of a 2-process FSDP2 run,
+    in one process: the figures the safety callback computed inside training at the same step."""
+    folder, sharded = runs["fsdp2"]
+    # distributed_fit.py builds the module in Python: its hyperparameters in the checkpoint are these dataclasses
+    torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts])
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"seed_everything": 0, "model": MODEL_SECTION}))
+    trainable = sharded["weights"]
+    in_training = dict(sharded["safety"])["epoch 1"]
+    benchmarks = json.dumps([{"name": "demo", "modes": ["typographic", "benign"]}])
+    settings = ["--eval.limit=3", "--eval.max_new_tokens=4", "--eval.batch_size=1", "--eval.judges=[xstest]"]
+    checkpoints = folder / "checkpoints"
+    for checkpoint in (checkpoints / "epoch=1-step=4.ckpt", checkpoints / "trainable.safetensors"):
+        args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--output", str(tmp_path / checkpoint.name)]
+        figures = evaluate_main([*args, "--eval.benchmarks", benchmarks, *settings, "--runtime.accelerator", "cpu"])
+        assert {f"safety/{name}": value for name, value in figures["xstest"].items()} == in_training, checkpoint.name
+        # the tiny model's figures barely move in training: that they come from the trained weights is checked here
+        parser = build_parser()
+        module = build(parser, parser.parse_args(["--config", str(config), "--output", str(tmp_path)])).model
+        load_checkpoint_weights(module, checkpoint)
+        assert_same_weights({name: p for name, p in module.named_parameters() if name in trainable}, trainable)
 
 
 def test_fsdp2_is_a_strategy_name_and_shards_over_every_rank():
@@ -76,8 +144,3 @@ def test_decoder_layers_are_the_llm_blocks(tiny_llm):
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
     with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
         decoder_layers(torch.nn.Linear(2, 2))
-
-
-def test_token_mean_is_unchanged_without_distributed():
-    loss, logged = global_token_mean(torch.tensor(2.5, requires_grad=True), torch.tensor(7))
-    assert loss.item() == 2.5 and logged.item() == 2.5 and loss.requires_grad and not logged.requires_grad

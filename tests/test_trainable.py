@@ -16,7 +16,7 @@ from mllm_safety.model.llava_hf import LLAVA_V1_CHAT_TEMPLATE, load_llava_hf
 from mllm_safety.model.lora import LoraSettings, apply_lora
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
-from mllm_safety.model.trainable import load_trainable, save_trainable
+from mllm_safety.model.trainable import load_trainable, save_trainable, trainable_state_dict
 from mllm_safety.train.checkpoints import TrainableWeightsCheckpoint
 from mllm_safety.train.module import SafetyAlignModule
 
@@ -48,7 +48,7 @@ def logits(model):
 def test_trainable_file_holds_only_trainable_weights_and_restores_the_model(tiny_llava_path, tmp_path):
     model = finetuned(tiny_llava_path)
     file = tmp_path / "trainable.safetensors"
-    save_trainable(model, file, lora=LORA, chat_template="T")
+    save_trainable(file, trainable_state_dict(model), lora=LORA, chat_template="T")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     with safe_open(str(file), framework="pt") as f:
         assert set(f.keys()) == trainable
@@ -57,20 +57,20 @@ def test_trainable_file_holds_only_trainable_weights_and_restores_the_model(tiny
 
     base = load_llava_hf(tiny_llava_path).eval()
     assert not torch.allclose(logits(base), logits(model))
-    loaded = load_trainable(base, file)
+    loaded = load_trainable(base, file, require_every_trainable=False)  # a bare base model: everything requires grad
     assert set(loaded) == trainable
     torch.testing.assert_close(logits(base), logits(model), atol=0, rtol=0)
 
 
 def test_loading_into_a_model_of_other_sizes_is_a_clear_error(tiny_llava_path, tmp_path, tiny_llm):
     file = tmp_path / "trainable.safetensors"
-    save_trainable(finetuned(tiny_llava_path), file, lora=LORA)
+    save_trainable(file, trainable_state_dict(finetuned(tiny_llava_path)), lora=LORA)
     from mllm_safety.model.vision import OpenClipVisionEncoder, VisionConfig
 
     vision = OpenClipVisionEncoder(VisionConfig(name="tiny-vit"))
     other = MultimodalLM(vision, build_projector("mlp2x_gelu", vision.hidden_size, 32), tiny_llm)
     with pytest.raises(ValueError, match=f"{file}: projector.0.weight has shape \\(32, 48\\).*expects \\(32, 128\\)"):
-        load_trainable(other, file)
+        load_trainable(other, file, require_every_trainable=False)
 
 
 def test_foreign_or_missing_files_are_refused(tiny_llava_path, tmp_path):
@@ -118,7 +118,7 @@ def test_a_run_writes_the_trainable_file_that_reproduces_its_weights(tmp_path, c
 def test_export_cli_writes_a_llava_hf_folder_with_the_training_template(tiny_llava_path, tmp_path):
     model = finetuned(tiny_llava_path)
     file = tmp_path / "trainable.safetensors"
-    save_trainable(model, file, lora=LORA, chat_template=LLAVA_V1_CHAT_TEMPLATE)
+    save_trainable(file, trainable_state_dict(model), lora=LORA, chat_template=LLAVA_V1_CHAT_TEMPLATE)
     out = tmp_path / "exported"
     export(base=tiny_llava_path, out=str(out), trainable=str(file))
     exported = LlavaForConditionalGeneration.from_pretrained(out).eval()

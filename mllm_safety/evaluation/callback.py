@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 import torch
@@ -90,9 +91,39 @@ class SafetyEvalCallback(L.Callback):
             for i in range(min(self.table_rows, len(s.prompts)) if self.log_table else 0)
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluations so far and the schedule's position, so a resumed run keeps its baseline and table."""
+        return {"history": [[label, metrics] for label, metrics in self.history], "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(label, dict(metrics)) for label, metrics in state_dict["history"]]
+        self._last_step = int(state_dict["last_step"])
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.baseline:
-            self.evaluate(trainer, pl_module, "before")
+        if trainer.ckpt_path is None:
+            if self.baseline:
+                self.evaluate(trainer, pl_module, "before")
+            return
+        # Resumed: the baseline is in the restored history (evaluating now would judge trained weights as "before").
+        if self.baseline and not any(label == "before" for label, _ in self.history):
+            log.warning("safety evaluation: the checkpoint holds no baseline; the table will lack 'before'")
+        for label in self._missed(trainer):
+            self.evaluate(trainer, pl_module, label)
+
+    def _missed(self, trainer: L.Trainer) -> list[str]:
+        """Evaluations due at the restored position but not in the history: a checkpoint written after the last batch
+        of an epoch (Lightning then counts the epoch as finished without its end hooks), or one written at an
+        evaluation step before this callback's turn (a requeue)."""
+        done = {label for label, _ in self.history}
+        due = []
+        epoch = trainer.current_epoch - 1
+        if self.every_n_epochs and epoch >= 0 and (epoch + 1) % self.every_n_epochs == 0:
+            due.append(f"epoch {epoch}")
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            due.append(f"step {step}")
+        return [label for label in due if label not in done]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step

@@ -1,26 +1,39 @@
-"""Compact checkpoints holding only the trainable weights (LoRA adapters + projector), as one safetensors file.
+"""The one home of trainable weights: which they are, gathering them, saving and loading them, and what must match.
 
-A 7B LLaVA with LoRA r=128 trains ~340M of ~7B parameters: this file is what a run produces, and
-``load_trainable`` puts it back on the base model it started from.
+A 7B LLaVA with LoRA r=128 trains ~340M of ~7B parameters. Checkpoints (Lightning's and ``trainable.safetensors``)
+hold only those; the frozen rest is rebuilt from the config. Two rules keep that honest:
+
+- every way weights come back (resume under DDP or FSDP2, ``evaluate``, ``load_trainable``) applies
+  :func:`check_weight_names`: the source holds every trainable weight of the model and nothing the model lacks;
+- frozen parts rebuilt rather than loaded (a random demo vision tower, a random test LLM) are recorded by
+  :func:`fingerprint` (shapes and a SHA-256 of their values) and compared by :func:`check_fingerprints`, so a trained
+  projector is never paired with a different tower.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from mllm_safety.model.lora import LoraSettings, apply_lora
 
 FORMAT = "mllm_safety.trainable/1"
 """Recorded in the file's metadata, so a foreign safetensors file is refused with a clear message."""
+
+Fingerprints = dict[str, dict[str, Any]]
+"""``{part: {"shapes": {name: shape}, "sha256": hex}}`` of frozen parts rebuilt from their config."""
 
 
 def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -39,32 +52,125 @@ def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
     )
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires a gradient, as full tensors on the CPU (sharded DTensors are gathered, so every
-    rank must call this)."""
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            tensor = param.detach()
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
-            state[name] = tensor.to("cpu", copy=True).contiguous()
-    return state
+def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that learn: what every checkpoint of ``model`` holds."""
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def keep_trainable(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The entries of a state dict of ``model`` that are trainable weights."""
+    names = trainable_names(model)
+    return {name: value for name, value in state.items() if name in names}
+
+
+def trainable_state_dict(model: nn.Module, full: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable weights of ``model``, frozen ones never gathered or copied.
+
+    ``full``: whole tensors on the CPU of rank 0 (a single process is rank 0; other ranks get nothing). Sharded
+    weights are gathered to rank 0 only, one at a time (torch's ``get_model_state_dict`` with full state and CPU
+    offload), so every rank must call this. Otherwise: each rank's own shards (a sharded checkpoint).
+    """
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
+    return keep_trainable(get_model_state_dict(model, options=options), model)
+
+
+def check_weight_names(
+    source: str | Path, names: Iterable[str], model: nn.Module, require_every_trainable: bool = True
+) -> None:
+    """The rule for every way weights come back: ``source`` must hold every trainable weight of ``model`` (else it
+    would keep its initial values silently) and only weights ``model`` has (else they would be dropped silently).
+    Frozen weights of ``model`` may be present too; they are loaded like the rest. ``require_every_trainable=False``
+    is for a bare base model (an export), which is not set up for training: what would learn there is unknown."""
+    names = set(names)
+    known = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    if unknown := sorted(names - known):
+        raise ValueError(
+            f"{source} holds {len(unknown)} weight(s) the model does not have, e.g. {unknown[:3]}; was it written "
+            "for another architecture or LoRA target set?"
+        )
+    if require_every_trainable and (missing := sorted(trainable_names(model) - names)):
+        raise ValueError(
+            f"{source} lacks {len(missing)} trainable weight(s) of the model, e.g. {missing[:3]}; was it written "
+            "with other trainable parts or LoRA settings?"
+        )
+
+
+def load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, require_every_trainable: bool = True
+) -> list[str]:
+    """Copy ``state`` into ``model`` after :func:`check_weight_names`; every tensor must have its weight's shape."""
+    check_weight_names(source, state, model, require_every_trainable)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, value in state.items():
+        target = tensors[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)} "
+                "(vision or LLM hidden sizes differ from the model it was trained with)"
+            )
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+    return sorted(state)
+
+
+def fingerprint(module: nn.Module) -> dict[str, Any] | None:
+    """Shapes and a SHA-256 of the frozen weights of ``module`` (``None`` on the meta device: nothing to compare)."""
+    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+    if any(p.is_meta for _, p in frozen):
+        return None
+    digest = hashlib.sha256()
+    shapes = {}
+    for name, param in frozen:
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        tensor = tensor.cpu().contiguous()
+        shapes[name] = list(tensor.shape)
+        digest.update(f"{name}:{tensor.dtype}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"shapes": shapes, "sha256": digest.hexdigest()}
+
+
+def fingerprints(model: nn.Module, parts: Iterable[str]) -> Fingerprints:
+    """:func:`fingerprint` of each named submodule of ``model`` (parts on the meta device are left out)."""
+    found = {part: fingerprint(model.get_submodule(part)) for part in parts}
+    return {part: value for part, value in found.items() if value is not None}
+
+
+def check_fingerprints(recorded: Fingerprints | None, model: nn.Module, source: str | Path) -> None:
+    """Stop when a frozen part of ``model`` differs from the one ``source`` was trained with."""
+    for part, expected in (recorded or {}).items():
+        actual = fingerprint(model.get_submodule(part))
+        if actual is None or actual == expected:
+            continue
+        if actual["shapes"] != expected["shapes"]:
+            differ = sorted(
+                name
+                for name in set(actual["shapes"]) | set(expected["shapes"])
+                if actual["shapes"].get(name) != expected["shapes"].get(name)
+            )
+            detail = f"its weights differ in name or shape, e.g. {differ[:3]}"
+        else:
+            now, then = actual["sha256"][:12], expected["sha256"][:12]
+            detail = f"its weights have other values (sha256 {now}..., trained with {then}...)"
+        raise ValueError(
+            f"{source} was trained with another frozen '{part}' than this model's: {detail}. It is rebuilt from "
+            "the config, not loaded: use the run's config and seed (and the same torch / open_clip versions)"
+        )
 
 
 def save_trainable(
-    model: nn.Module,
     path: str | Path,
+    state: Mapping[str, torch.Tensor],
     lora: LoraSettings | None = None,
     chat_template: str | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    frozen: Fingerprints | None = None,
 ) -> None:
-    """Write the trainable weights of ``model`` (or a precomputed ``state``) to ``path`` atomically.
+    """Write trainable weights (:func:`trainable_state_dict`) to one safetensors file, atomically.
 
-    ``lora`` and ``chat_template`` are recorded in the metadata: ``load_trainable`` re-creates the adapters from the
-    first, and an export writes the template the model was trained with.
+    ``lora`` and ``chat_template`` go into the metadata (:func:`load_trainable` re-creates the adapters from the
+    first, an export writes the second), and so do the ``frozen`` fingerprints.
     """
-    state = trainable_state_dict(model) if state is None else state
     if not state:
         raise ValueError(f"nothing to save to {path}: no parameter requires a gradient")
     metadata = {"format": FORMAT}
@@ -72,10 +178,12 @@ def save_trainable(
         metadata["lora"] = json.dumps(asdict(lora))
     if chat_template is not None:
         metadata["chat_template"] = chat_template
+    if frozen:
+        metadata["frozen_fingerprints"] = json.dumps(frozen)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -96,35 +204,20 @@ def read_trainable_metadata(path: str | Path) -> dict[str, str]:
     return metadata
 
 
-def load_trainable(model: nn.Module, path: str | Path) -> list[str]:
-    """Copy the weights in ``path`` into ``model``; returns the names loaded.
+def load_trainable(model: nn.Module, path: str | Path, require_every_trainable: bool = True) -> list[str]:
+    """Put the weights of a trainable-weights file back into ``model``; returns the names loaded.
 
     ``model`` is the base model the run started from (same architecture, e.g. ``load_llava_hf`` of the same
     checkpoint) or the training module's model. When the file holds LoRA adapters and ``model.llm`` has none yet,
-    they are created from the settings recorded in the file. Every tensor must find a parameter of the same shape.
+    they are created from the settings recorded in the file. Rebuilt frozen parts must match the fingerprints the
+    file records. ``require_every_trainable``: see :func:`check_weight_names`.
     """
     metadata = read_trainable_metadata(path)
     with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys())
-        if any(".lora_" in name for name in names) and not isinstance(getattr(model, "llm", None), PeftModel):
-            if "lora" not in metadata:
-                raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
-            model.llm = apply_lora(model.llm, LoraSettings(**json.loads(metadata["lora"])))
-        params = dict(model.named_parameters())
-        unknown = [name for name in names if name not in params]
-        if unknown:
-            raise ValueError(
-                f"{path} holds {len(unknown)} weights the model does not have, e.g. {unknown[:3]}; "
-                "was it written for another architecture or LoRA target set?"
-            )
-        for name in names:
-            tensor = f.get_tensor(name)
-            param = params[name]
-            if tensor.shape != param.shape:
-                raise ValueError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects {tuple(param.shape)} "
-                    "(vision or LLM hidden sizes differ from the model the file was trained with)"
-                )
-            with torch.no_grad():
-                param.copy_(tensor.to(param.dtype))
-    return names
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    if any(".lora_" in name for name in state) and not isinstance(getattr(model, "llm", None), PeftModel):
+        if "lora" not in metadata:
+            raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
+        model.llm = apply_lora(model.llm, LoraSettings(**json.loads(metadata["lora"])))
+    check_fingerprints(json.loads(metadata.get("frozen_fingerprints", "{}")), model, path)
+    return load_weights(model, state, path, require_every_trainable)

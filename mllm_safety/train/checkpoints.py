@@ -1,11 +1,66 @@
-"""The compact trainable-weights file written during training, beside Lightning's resume checkpoints."""
+"""What a run writes and how it is read back: Lightning's checkpoints (files or FSDP2's sharded folders) and the
+compact trainable-weights file written beside them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed import checkpoint as dcp
+
+from mllm_safety.model.trainable import check_fingerprints, load_weights
+from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, is_sharded_checkpoint
+
+FINGERPRINTS_KEY = "frozen_fingerprints"
+"""Where a Lightning checkpoint records the fingerprints of the frozen parts rebuilt from the config."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (full tensors on the CPU) and everything else of a checkpoint of ``mllm_safety.fit``, in one process.
+
+    ``path`` is a Lightning checkpoint file, or the folder that ``trainer.strategy: fsdp2`` writes (one shard per
+    rank): its shards are put together here, without a process group. Nothing is unpickled beyond tensors and plain
+    data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise ValueError(
+                f"{path} is a folder but not a complete sharded checkpoint (no {SHARDED_METADATA_FILE}): "
+                "interrupted while saving, or not a checkpoint"
+            )
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        state = {
+            key.removeprefix("state_dict."): torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.items()
+            if key.startswith("state_dict.") and hasattr(meta, "size")
+        }
+        dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+        return state, torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.pop("state_dict", None) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path}: no state_dict with weights in this checkpoint")
+    return state, checkpoint
+
+
+def load_checkpoint_weights(module: L.LightningModule, path: str | Path) -> list[str]:
+    """Put the trained weights of a run into ``module`` (built from the run's config); returns the names loaded.
+
+    ``path``: a Lightning checkpoint file, an FSDP2 sharded checkpoint folder, or a ``trainable.safetensors`` file.
+    The same rule as on resume: every trainable weight must be there, nothing unknown, and the frozen parts rebuilt
+    from the config must match the fingerprints the checkpoint recorded.
+    """
+    if Path(path).suffix == ".safetensors":
+        return [f"model.{name}" for name in module.load_trainable(path)]
+    state, rest = read_checkpoint(path)
+    check_fingerprints(rest.get(FINGERPRINTS_KEY), module.model, path)
+    return load_weights(module, state, path)
 
 
 class TrainableWeightsCheckpoint(Callback):

@@ -20,14 +20,20 @@ from mllm_safety.model.lora import LoraSettings, apply_lora
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.trainable import (
+    check_fingerprints,
+    check_weight_names,
+    fingerprints,
     format_parameter_counts,
+    keep_trainable,
     load_trainable,
     parameter_counts,
     save_trainable,
     trainable_state_dict,
 )
 from mllm_safety.model.vision import VisionConfig, build_vision_encoder
-from mllm_safety.train.parallel import FSDP2Strategy, global_token_mean, shard_multimodal_lm
+from mllm_safety.train.checkpoints import FINGERPRINTS_KEY
+from mllm_safety.train.parallel import FSDP2Strategy, shard_multimodal_lm
+from mllm_safety.train.token_mean import ReplyTokenMean
 
 FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -135,6 +141,9 @@ class SafetyAlignModule(L.LightningModule):
         )
         # Counted before any sharding, so the figures are the model's, not one rank's.
         self.parameter_counts = parameter_counts(self.model)
+        self.frozen_fingerprints = fingerprints(self.model, _rebuilt_parts(llm, vision))
+        """Fingerprints of the frozen parts rebuilt from the config rather than loaded, kept in every checkpoint."""
+        self.token_mean = ReplyTokenMean()
         if self.parameter_counts["all"][0] == 0:
             raise ValueError("nothing to train: enable lora or at least one of trainable.{vision,projector,llm}")
         # Checkpoints hold only what trains (see on_save_checkpoint), so loading must accept the frozen rest missing.
@@ -159,14 +168,12 @@ class SafetyAlignModule(L.LightningModule):
         return load_trainable(self.model, path)
 
     def save_trainable(self, path: str | Path, write: bool = True) -> None:
-        """Write the trainable weights, LoRA settings and chat template to one safetensors file.
-
-        Every rank must call this (sharded weights are gathered); only ranks with ``write`` write the file.
-        """
+        """Write the trainable weights, LoRA settings, chat template and frozen-part fingerprints to one safetensors
+        file. Every rank must call this (sharded weights are gathered to rank 0); only ranks with ``write`` write."""
         state = trainable_state_dict(self.model)
         if write:
             template = self.processor.tokenizer.chat_template
-            save_trainable(self.model, path, lora=self.lora_settings, chat_template=template, state=state)
+            save_trainable(path, state, self.lora_settings, template, self.frozen_fingerprints)
 
     def configure_model(self) -> None:
         """Shards the model when the strategy is FSDP2 (``trainer.strategy: fsdp2``); other strategies need nothing."""
@@ -177,9 +184,6 @@ class SafetyAlignModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(**batch.model_inputs())
-        loss, global_loss = global_token_mean(out.loss, out.num_label_tokens)
-        self.log("train/loss", global_loss, prog_bar=True, batch_size=len(batch.ids))
-        self.log("train/reply_tokens", out.num_label_tokens.float(), reduce_fx="sum", batch_size=len(batch.ids))
         # Same keys on every rank (the stream fills each), so the epoch-end sync cannot hang.
         self.log_dict(
             {f"data/{name}": float(count) for name, count in batch.stats.items()},
@@ -189,7 +193,13 @@ class SafetyAlignModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(batch.ids),
         )
-        return loss
+        # The sum of this micro-batch's token losses; on_before_optimizer_step turns the window's into one mean.
+        return self.token_mean.add(out.loss, out.num_label_tokens)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        loss, tokens = self.token_mean.finish(self.parameters(), self.trainer.accumulate_grad_batches)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reply_tokens", tokens)
 
     def configure_optimizers(self) -> dict[str, Any]:
         projector_params = [p for p in self.model.projector.parameters() if p.requires_grad]
@@ -209,9 +219,18 @@ class SafetyAlignModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable weights: the frozen vision tower and base LLM are rebuilt from their configs."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Keep only trainable weights (the frozen vision tower and base LLM are rebuilt from their configs), and the
+        fingerprints of the frozen parts that are rebuilt rather than loaded."""
+        checkpoint["state_dict"] = keep_trainable(checkpoint["state_dict"], self)
+        checkpoint[FINGERPRINTS_KEY] = self.frozen_fingerprints
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume only onto the same frozen parts, with every trainable weight in the checkpoint (FSDP2's sharded
+        checkpoints are checked as the strategy loads them)."""
+        source = f"checkpoint {self.trainer.ckpt_path}"
+        check_fingerprints(checkpoint.get(FINGERPRINTS_KEY), self.model, source)
+        if "state_dict" in checkpoint:
+            check_weight_names(source, checkpoint["state_dict"], self)
 
 
 def _assemble(
@@ -224,6 +243,16 @@ def _assemble(
     llm_size = language_model.get_input_embeddings().embedding_dim
     projector_module = build_projector(projector, vision_encoder.hidden_size, llm_size)
     return MultimodalLM(vision_encoder, projector_module, language_model, IMAGE_TOKEN_ID), tokenizer
+
+
+def _rebuilt_parts(llm: LLMConfig | None, vision: VisionConfig | None) -> list[str]:
+    """The parts built with random weights rather than loaded: a checkpoint can only name them by fingerprint."""
+    parts = []
+    if vision is not None and vision.backend == "open_clip" and vision.pretrained is None:
+        parts.append("vision")
+    if llm is not None and llm.random_init is not None:
+        parts.append("llm")
+    return parts
 
 
 def _prepare_training(

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from mllm_safety.model.mllm import MultimodalLM
+from mllm_safety.model.trainable import check_weight_names, trainable_state_dict
+from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, is_sharded_checkpoint, shard_over_every_rank
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -62,12 +62,16 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout=timeout,
         )
         self.reshard_after_forward = reshard_after_forward
+        self.sharded_checkpoints = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
-        # Lightning's "auto" means one data-parallel group per node (for tensor parallelism within a node); FSDP
-        # alone shards over every rank.
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        shard_over_every_rank(self)
         super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable weights only: each rank's shards for a sharded checkpoint, else gathered to rank 0. Frozen
+        weights are never gathered or copied (Lightning's own would gather all of a 7B model to keep ~5% of it)."""
+        return trainable_state_dict(self.lightning_module, full=not self.sharded_checkpoints)
 
     def mixed_precision(self) -> MixedPrecisionPolicy:
         """FSDP's own mixed precision for ``bf16-mixed``: bf16 all-gathers and compute, fp32 shards and reduction."""
@@ -76,9 +80,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         return MixedPrecisionPolicy()
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a sharded checkpoint that holds only some weights (the trainable ones); files go to Lightning."""
+        """Loads a sharded checkpoint that holds only some weights (the trainable ones); files go to Lightning.
+
+        Lightning's own loader fails on the frozen weights missing from such a checkpoint even with
+        ``strict_loading=False`` (Lightning-AI/pytorch-lightning#20274); here the trainable ones are checked with the
+        project's one rule (``check_weight_names``) and loaded alone.
+        """
         path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path):
+        if not is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
         from torch.distributed import checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
@@ -94,9 +103,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
             if key.startswith("state_dict.")
         }
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        if missing := sorted(trainable - saved):
-            raise ValueError(f"checkpoint {path} lacks trainable weights of this model, e.g. {missing[:3]}")
+        check_weight_names(f"checkpoint {path}", saved, self.lightning_module)
         model_state = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
         dcp.load({"state_dict": model_state}, checkpoint_id=path)
         set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
@@ -105,29 +112,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             dcp.load(optimizer_state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optimizer_state[key])
-        return torch.load(path / _METADATA_FILENAME, weights_only=True)
+        return torch.load(path / SHARDED_METADATA_FILE, weights_only=True)
 
 
 StrategyRegistry.register(
     "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) over all ranks, through ModelParallelStrategy"
 )
-
-
-def global_token_mean(loss: torch.Tensor, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Makes the gradient the mean over all reply tokens of the global batch, not a mean of per-rank means.
-
-    DDP and FSDP average gradients over ranks. Each rank's token-mean ``loss`` is rescaled by its share of the
-    global reply tokens, so that the average comes out as one token mean over every rank's batch, as on a single
-    device with the whole batch. One all-reduce of two numbers per step. Returns the loss to backpropagate and the
-    global token mean (detached, the same on every rank) to log.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return loss, loss.detach()
-    totals = torch.stack([loss.detach() * num_tokens, num_tokens.to(loss.dtype)])
-    torch.distributed.all_reduce(totals)
-    loss_sum, total_tokens = totals[0], totals[1].clamp(min=1)
-    world_size = torch.distributed.get_world_size()
-    return loss * num_tokens * world_size / total_tokens, loss_sum / total_tokens
 
 
 def decoder_layers(llm: nn.Module) -> list[nn.Module]:

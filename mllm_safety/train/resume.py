@@ -1,37 +1,89 @@
-"""Resuming a run exactly: which checkpoint to resume from, and what Lightning leaves out of its restore.
+"""Resuming a run exactly, and only the run it is: which checkpoint, whether it fits, what Lightning leaves out.
 
 Lightning restores weights, optimizer, schedule and loop counters; the data module saves its stream position
 (``mllm_safety.data.streaming.StreamPosition``). :class:`ExactResume` adds the random state and makes sure the loader
-starts at the restored position.
+starts at the restored position; :class:`SameRunSettings` refuses a checkpoint of a run with other model or data
+settings.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.utilities import rank_zero_info
+
+from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, rebuild_train_loader_after_restore
+
+log = logging.getLogger(__name__)
 
 
-def newest_checkpoint(root: str | Path) -> Path | None:
-    """The most recently written complete checkpoint under ``root``, or ``None``.
+def newest_checkpoint(folders: Iterable[str | Path]) -> Path | None:
+    """The most recently written complete checkpoint directly in one of ``folders`` (a run's own), or ``None``.
 
-    Looks at every ``*.ckpt`` below ``root``: Lightning's single files (complete when the zip archive is whole) and
-    sharded folders (complete once rank 0 wrote their metadata file, last), the SLURM requeue checkpoints
+    Looks at the ``*.ckpt`` in each folder, not below it: Lightning's single files (complete when the zip archive is
+    whole) and sharded folders (complete once rank 0 wrote their metadata file, last), the SLURM requeue checkpoints
     ``hpc_ckpt_N.ckpt`` included.
     """
     found: list[tuple[float, Path]] = []
-    for path in Path(root).rglob("*.ckpt"):
-        if path.is_dir() and (path / _METADATA_FILENAME).is_file():
-            found.append(((path / _METADATA_FILENAME).stat().st_mtime, path))
-        elif path.is_file() and zipfile.is_zipfile(path):
-            found.append((path.stat().st_mtime, path))
+    for folder in folders:
+        for path in Path(folder).glob("*.ckpt"):
+            if path.is_dir() and (path / SHARDED_METADATA_FILE).is_file():
+                found.append(((path / SHARDED_METADATA_FILE).stat().st_mtime, path))
+            elif path.is_file() and zipfile.is_zipfile(path):
+                found.append((path.stat().st_mtime, path))
     return max(found)[1] if found else None
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"rejection": {"seed": 0}}}`` -> ``{"data.rejection.seed": 0}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class SameRunSettings(L.Callback):
+    """Refuses to resume from a checkpoint written with other model or data settings than this command's.
+
+    The settings (flattened, e.g. ``data.rejection_ratio``) are saved in every checkpoint; on resume, any that
+    differ stop the run with an error naming them, unless ``allow_changes`` (then a warning names them).
+    """
+
+    def __init__(self, settings: Mapping[str, Any], allow_changes: bool = False) -> None:
+        self.settings = flatten(settings)
+        self.allow_changes = allow_changes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings", {})
+        differ = {
+            key: (saved.get(key, "<unset>"), self.settings.get(key, "<unset>"))
+            for key in sorted(set(saved) | set(self.settings))
+            if saved.get(key, "<unset>") != self.settings.get(key, "<unset>")
+        }
+        if not differ:
+            return
+        listed = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differ.items())
+        if not self.allow_changes:
+            raise ValueError(
+                f"the checkpoint to resume was written by a run with other settings ({listed}). Resume it with "
+                "its own settings, start this run in another trainer.default_root_dir, or pass "
+                "--allow_changed_settings true to continue it with these"
+            )
+        log.warning("resuming with changed settings (--allow_changed_settings): %s", listed)
 
 
 def capture_random_state() -> dict[str, Any]:
@@ -73,6 +125,7 @@ class ExactResume(L.Callback):
 
     def __init__(self) -> None:
         self._to_restore: dict[str, Any] | None = None
+        self._trained_batches = 0
 
     def state_dict(self) -> dict[str, Any]:
         return capture_random_state()
@@ -80,16 +133,24 @@ class ExactResume(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trained_batches = 0
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is not None:
-            fit_loop = trainer.fit_loop
-            if fit_loop._data_fetcher is not None:
-                fit_loop._data_fetcher.teardown()
-            fit_loop._combined_loader = None  # the next setup_data makes the loader again
+            rebuild_train_loader_after_restore(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._trained_batches += 1
         if self._to_restore is not None:
             restore_random_state(self._to_restore)
             self._to_restore = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None and self._trained_batches == 0:
+            rank_zero_info(
+                f"nothing left to train: the run had already finished when {trainer.ckpt_path} was saved "
+                f"(epoch {trainer.current_epoch}, step {trainer.global_step})"
+            )
