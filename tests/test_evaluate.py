@@ -101,6 +101,11 @@ def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
     differ = [name for name, p in module.named_parameters() if not torch.equal(p, trained[name])]
     assert not differ, differ[:3]
 
+    # another seed rebuilds another random tower and LLM: the checkpoint's fingerprints refuse them
+    other = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path), "--seed_everything", "1"]))
+    with pytest.raises(ValueError, match="was trained with another frozen 'vision' than this model's.*other values"):
+        load_checkpoint_weights(other.model, str(checkpoint))
+
 
 def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):
     trained = tiny_module()

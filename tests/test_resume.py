@@ -2,6 +2,7 @@
 as if it had never stopped: the same batches in the same order, bit-identical weights."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from mllm_safety.data.streaming import StreamPosition
+from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.fit import main
 from mllm_safety.train.resume import capture_random_state, newest_checkpoint, restore_random_state
 
@@ -53,12 +55,22 @@ class SignalBeforeStep(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
-def fit(root: Path, record: Path, *callbacks: dict) -> L.Trainer:
-    """The same command every time: 2 epochs of 8 batches, a checkpoint every 3 steps, ``--ckpt_path last``."""
-    checkpoint = {
+SAFETY = {
+    "class_path": "mllm_safety.evaluation.callback.SafetyEvalCallback",
+    "init_args": {"max_new_tokens": 4, "batch_size": 8, "limit": 4},
+}
+
+
+def checkpoint_every(steps: int) -> dict:
+    """A ModelCheckpoint writing to the run's own checkpoints/ folder (its default with a default_root_dir)."""
+    return {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(root / "checkpoints"), "every_n_train_steps": 3, "save_top_k": -1},
+        "init_args": {"every_n_train_steps": steps, "save_top_k": -1},
     }
+
+
+def fit(root: Path, record: Path, *callbacks: dict, epochs: int = 2, extra: tuple[str, ...] = ()) -> L.Trainer:
+    """The same command every time: 2 epochs of 8 batches, a checkpoint every 3 steps, ``--ckpt_path last``."""
     recorder = {"class_path": "test_resume.RecordBatches", "init_args": {"path": str(record)}}
     cli = main(
         [
@@ -69,16 +81,21 @@ def fit(root: Path, record: Path, *callbacks: dict) -> L.Trainer:
             "--trainer.logger.init_args.save_dir",
             str(root),
             "--trainer.max_epochs",
-            "2",
+            str(epochs),
             "--trainer.callbacks",
-            json.dumps([checkpoint, recorder, *callbacks]),
+            json.dumps([checkpoint_every(3), recorder, SAFETY, *callbacks]),
             "--data.num_workers",
             "1",
             "--ckpt_path",
             "last",
+            *extra,
         ]
     )
     return cli.trainer
+
+
+def safety_history(trainer: L.Trainer) -> list[tuple[str, dict[str, float]]]:
+    return next(c for c in trainer.callbacks if isinstance(c, SafetyEvalCallback)).history
 
 
 def trainable_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
@@ -90,29 +107,35 @@ def read_record(path: Path) -> list[tuple[int, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], list[tuple[int, list[str]]]]:
+def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], list[tuple[int, list[str]]], list]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    weights = trainable_weights(fit(root, root / "batches.txt"))
+    trainer = fit(root, root / "batches.txt")
     batches = read_record(root / "batches.txt")
     assert len(batches) == 16 and batches[0][1] != batches[8][1], "16 batches; each epoch has its own order"
-    return weights, batches
+    history = safety_history(trainer)
+    assert [label for label, _ in history] == ["before", "epoch 0", "epoch 1"]
+    return trainable_weights(trainer), batches, history
 
 
-def assert_continues_exactly(uninterrupted, before: Path, after: Path, resumed: dict[str, torch.Tensor], step: int):
-    weights, batches = uninterrupted
+def assert_continues_exactly(uninterrupted, before: Path, after: Path, resumed: L.Trainer, step: int):
+    weights, batches, history = uninterrupted
     before_batches, after_batches = read_record(before), read_record(after)
     assert [s for s, _ in after_batches] == list(range(step, 16)), "continues at the step after the checkpoint"
     assert before_batches[:step] + after_batches == batches, "the same batches in the same order: none repeated or lost"
+    resumed_weights = trainable_weights(resumed)
     for name, weight in weights.items():
-        assert torch.equal(resumed[name], weight), name  # dropout drew the same masks too
+        assert torch.equal(resumed_weights[name], weight), name  # dropout drew the same masks too
+    # the baseline and the evaluations before the stop come from the checkpoint, not from evaluating trained weights
+    assert safety_history(resumed) == history, "the before/after table of the uninterrupted run"
 
 
 def test_restart_after_a_crash_mid_epoch_continues_exactly(tmp_path, uninterrupted):
     crash = {"class_path": "test_resume.CrashAfterStep", "init_args": {"step": 11}}
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tmp_path, tmp_path / "before.txt", crash)
-    assert newest_checkpoint(tmp_path).name == "epoch=1-step=9.ckpt"  # one batch into the second epoch
-    resumed = trainable_weights(fit(tmp_path, tmp_path / "after.txt"))
+    folders = [tmp_path, tmp_path / "checkpoints"]
+    assert newest_checkpoint(folders).name == "epoch=1-step=9.ckpt"  # one batch into the second epoch
+    resumed = fit(tmp_path, tmp_path / "after.txt")
     assert_continues_exactly(uninterrupted, tmp_path / "before.txt", tmp_path / "after.txt", resumed, step=9)
 
 
@@ -139,23 +162,71 @@ def test_slurm_signal_checkpoints_requeues_and_the_requeued_job_continues_exactl
     assert trainer.global_step == 6, "the batch under way when the signal came is finished, then the run stops"
     assert slurm_job.read_text().split() == ["requeue", "4242"]
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["hpc_ckpt_1.ckpt"]
-    assert newest_checkpoint(tmp_path).name == "hpc_ckpt_1.ckpt"
+    assert newest_checkpoint([tmp_path, tmp_path / "checkpoints"]).name == "hpc_ckpt_1.ckpt"
 
-    resumed = trainable_weights(fit(tmp_path, tmp_path / "after.txt"))  # the requeued job: the same command
+    resumed = fit(tmp_path, tmp_path / "after.txt")  # the requeued job: the same command
     assert_continues_exactly(uninterrupted, tmp_path / "before.txt", tmp_path / "after.txt", resumed, step=6)
     assert slurm_job.read_text().split() == ["requeue", "4242"], "no signal, no second requeue"
 
 
-def test_newest_checkpoint_ignores_incomplete_ones(tmp_path):
-    assert newest_checkpoint(tmp_path) is None
+def test_newest_checkpoint_ignores_incomplete_ones_and_other_folders(tmp_path):
+    folders = [tmp_path, tmp_path / "checkpoints"]
+    assert newest_checkpoint(folders) is None
     torch.save({"step": 1}, tmp_path / "epoch=0-step=1.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")  # killed while writing
-    sharded = tmp_path / "sub" / "epoch=0-step=2.ckpt"
+    sharded = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
     sharded.mkdir(parents=True)
-    assert newest_checkpoint(tmp_path).name == "epoch=0-step=1.ckpt", "a sharded folder without metadata is partial"
+    assert newest_checkpoint(folders).name == "epoch=0-step=1.ckpt", "a sharded folder without metadata is partial"
     time.sleep(0.01)
     torch.save({}, sharded / "meta.pt")
-    assert newest_checkpoint(tmp_path) == sharded
+    assert newest_checkpoint(folders) == sharded
+    other_run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"  # below the run's folder, not its own
+    other_run.mkdir(parents=True)
+    time.sleep(0.01)
+    torch.save({"step": 9}, other_run / "epoch=9-step=99.ckpt")
+    assert newest_checkpoint(folders) == sharded
+
+
+def test_last_needs_the_runs_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a checkpoint of another run somewhere below the current directory
+    torch.save({"step": 1}, tmp_path / "epoch=0-step=1.ckpt")
+    args = ["--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", "last"]
+    with pytest.raises(ValueError, match="--ckpt_path last resumes the run in its own folder: set --trainer.default"):
+        main(args)
+
+
+def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, caplog):
+    finished = fit(tmp_path, tmp_path / "first.txt", epochs=1)  # rejection_ratio 0.3 (configs/tiny.yaml)
+    trained = trainable_weights(finished)
+    changed = ("--data.rejection_ratio", "0.0", "--model.lora.alpha", "16")
+    with pytest.raises(ValueError, match="other settings") as error:
+        fit(tmp_path, tmp_path / "second.txt", epochs=2, extra=changed)
+    assert "data.rejection_ratio: checkpoint 0.3, now 0.0" in str(error.value)
+    assert "model.lora.alpha: checkpoint 8, now 16" in str(error.value)
+    assert "seed" not in str(error.value), "only the settings that differ are named"
+
+    with caplog.at_level(logging.WARNING):
+        resumed = fit(tmp_path, tmp_path / "third.txt", epochs=2, extra=(*changed, "--allow_changed_settings", "true"))
+    assert "resuming with changed settings" in caplog.text and resumed.global_step == 16
+    assert any(not torch.equal(trainable_weights(resumed)[n], w) for n, w in trained.items()), "continued training"
+
+    # a frozen part rebuilt from another seed (a random tower) is not the one the projector was trained with
+    other_seed = ("--seed_everything", "1", "--allow_changed_settings", "true", "--trainer.max_epochs", "3")
+    with pytest.raises(ValueError, match="was trained with another frozen 'vision' than this model's"):
+        fit(tmp_path, tmp_path / "fourth.txt", epochs=3, extra=other_seed)
+
+
+def test_rerunning_a_finished_run_ends_cleanly_with_a_message(tmp_path, caplog):
+    """A retried array job, or a requeue after the final checkpoint: here the last checkpoint was written after the
+    last batch, before the epoch's end (Lightning then counts the epoch as done without its end hooks)."""
+    first = fit(tmp_path, tmp_path / "first.txt", checkpoint_every(4), epochs=1)
+    assert newest_checkpoint([tmp_path, tmp_path / "checkpoints"]).name == "epoch=0-step=8.ckpt"
+    with caplog.at_level(logging.INFO):
+        again = fit(tmp_path, tmp_path / "again.txt", checkpoint_every(4), epochs=1)
+    assert "nothing left to train: the run had already finished" in caplog.text
+    assert not (tmp_path / "again.txt").exists(), "no batch trained again"
+    assert again.global_step == first.global_step == 8
+    assert safety_history(again) == safety_history(first), "the same table, the epoch's evaluation included"
 
 
 def test_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

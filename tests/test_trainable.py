@@ -113,6 +113,9 @@ def test_a_run_writes_the_trainable_file_that_reproduces_its_weights(tmp_path, c
         torch.testing.assert_close(param, trained[name], atol=0, rtol=0)
     checkpoint_size = next(file.parent.glob("*.ckpt")).stat().st_size
     assert file.stat().st_size < checkpoint_size, "weights only: no optimizer state"
+    other_seed = main([*args, "--trainer.max_steps=0", "--trainer.callbacks=[]", "--seed_everything=1"]).model
+    with pytest.raises(ValueError, match="trained with another frozen 'vision' than this model's"):
+        other_seed.load_trainable(file)  # its random tower is not the one the projector learned to read
 
 
 def test_export_cli_writes_a_llava_hf_folder_with_the_training_template(tiny_llava_path, tmp_path):
