@@ -126,3 +126,80 @@ def test_a_template_that_rewrites_content_falls_back_to_rendering(tokenizer):
     slow.shape = None
     assert encoder.encode(conv) == slow.encode(conv)
     assert "spaced out<|im_end|>" in tokenizer.decode([i for i in encoder.encode(conv).input_ids if i >= 0])
+
+
+def sentencepiece_llama_tokenizer(legacy: bool):
+    """A LLaVA-1.5-style Llama tokenizer built offline: sentencepiece's '▁' word boundaries, byte fallback, a few merges
+    (so tokens span characters at span boundaries), BOS added, and <image> as a special token as in llava-hf."""
+    from transformers import LlamaTokenizer
+
+    from mllm_safety.model.llava_hf import LLAVA_V1_CHAT_TEMPLATE
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
+    for char in "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:?.,'!":
+        vocab.setdefault(char, len(vocab))
+    merges = [("▁", "A"), ("U", "S"), ("US", "E"), ("USE", "R"), ("▁", "USER"), ("▁A", "S"), ("▁", "I"), ("'", "m")]
+    merges += [("▁", "s"), ("▁s", "o"), ("r", "r"), ("▁so", "rr"), ("e", "d"), ("▁", "R"), ("▁R", "ed")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=legacy)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_V1_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("image", [True, False])
+@pytest.mark.parametrize("swap", ["none", "paper", "every turn"])
+def test_llava_v1_label_masks_on_a_sentencepiece_llama_tokenizer_equal_one_whole_tokenization(legacy, image, swap):
+    """LLaVA-1.5's template on a Llama tokenizer (transformers 5 builds it as sentencepiece's '▁' scheme, 'legacy'
+    adding a prefix space after special tokens too): input ids equal tokenizing the whole conversation at once, and
+    exactly the tokens covering reply text (and a learned '</s>') are learned, at every boundary."""
+    from PIL import Image
+
+    from mllm_safety.data.rejection import PAPER_REJECTION, RejectionConfig, RejectionSwap
+
+    tokenizer = sentencepiece_llama_tokenizer(legacy)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    first = "<image>\nWhat is it?" if image else "What is it?"
+    rec = record(first, "A red circle, I'm sure.", "And you?", "Red!", "Bye.", "Bye bye.")
+    conv = parse_llava_record(rec, Image.new("RGB", (4, 4)) if image else None)
+    if swap != "none":
+        conv = RejectionSwap(1.0, RejectionConfig(keep_one_turn=swap == "paper"))(conv)
+    encoded = ChatEncoder(tokenizer, num_image_tokens=3, image_token_id=image_id).encode(conv)
+
+    messages = [
+        m
+        for human, reply in conv.turns
+        for m in ({"role": "user", "content": human}, {"role": "assistant", "content": reply})
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    learned_ranges, cursor = [], 0
+    for _, reply in conv.turns:
+        # what the model produces after the generation prompt 'ASSISTANT:': the reply with its leading space
+        start = text.index(f"ASSISTANT: {reply}</s>", cursor) + len("ASSISTANT:")
+        cursor = start + len(f" {reply}") + len("</s>") * conv.learn_end_marker
+        learned_ranges.append((start, cursor))
+    expected_ids, expected_labels = [], []
+    for token, (a, b) in zip(whole["input_ids"], whole["offset_mapping"]):
+        count = 3 if token == image_id else 1
+        learned = token != image_id and any(a < end and b > start for start, end in learned_ranges)
+        expected_ids += [token] * count
+        expected_labels += [token if learned else IGNORE_INDEX] * count
+    assert encoded.input_ids == expected_ids and encoded.input_ids[0] == tokenizer.bos_token_id
+    assert encoded.labels == expected_labels
+    assert expected_ids.count(image_id) == (3 if image else 0)
+
+    # what is learned, read back: every reply, its '</s>' unless it is the paper's swapped rejection
+    end = "" if swap != "none" else "</s>"
+    replies = [reply for _, reply in conv.turns]
+    assert learned_text(tokenizer, encoded).replace(" ", "") == "".join(r + end for r in replies).replace(" ", "")
+    if swap != "none":
+        assert replies == [PAPER_REJECTION] * len(replies) and len(replies) == (1 if swap == "paper" else 3)
+    # the spans around each boundary: system prompt + 'USER:', image, 'ASSISTANT:' and what follows '</s>' are not
+    prompt = tokenizer.decode(
+        [i for i, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX and i != image_id]
+    )
+    assert prompt.count("USER:") == len(replies) and prompt.count("ASSISTANT:") == len(replies)
+    assert "human's questions." in prompt and "What is it?" in prompt

@@ -159,9 +159,11 @@ class EncodedSample:
 class ChatEncoder:
     """Tokenizes conversations with the tokenizer's chat template; only assistant replies carry labels.
 
-    Each span (prompt, reply, end-of-turn marker) is tokenized on its own, the way it is produced at inference:
-    the prompt by the template, the reply by the model. Splitting one tokenization of the whole text by string
-    offsets, as LLaVA does, breaks on tokenizer quirks.
+    The whole rendered conversation is tokenized at once, as transformers' processors and LLaVA's training tokenize
+    it, and the label mask comes from the tokens' character offsets: a token is learned when it covers text of a
+    reply (or of a learned end-of-turn marker). Tokenizing each span on its own would differ from that at span
+    boundaries with sentencepiece-style tokenizers (a prefix space at every span start, and after special tokens only
+    in their legacy mode).
     """
 
     def __init__(
@@ -171,6 +173,11 @@ class ChatEncoder:
         image_token_id: int,
         max_length: int = 2048,
     ) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: label masks need the character "
+                "offsets of its tokens"
+            )
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
@@ -203,58 +210,50 @@ class ChatEncoder:
             for k in range(len(conversation.turns))
         ]
 
-    def _tokens(self, text: str) -> list[int]:
-        return self._tokens_batch([text])[0]
-
-    def _tokens_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, ``<image>`` expanded to the image tokens, in one batched tokenizer call."""
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """Token ids of ``text`` and each token's character span (``None`` for image tokens), ``<image>`` expanded
+        to the image tokens."""
         image = [self.image_token_id] * self.num_image_tokens
         if self._placeholder_id is not None:
-            # The tokenizer knows <image>: tokenize each text in one piece, as transformers' processors do (pieces
-            # tokenized apart get an extra prefix space from sentencepiece-style tokenizers), then expand it.
-            expanded = []
-            for ids in self._tokenize(texts):
-                if self._placeholder_id in ids:
-                    ids = [t for token in ids for t in (image if token == self._placeholder_id else [token])]
-                expanded.append(ids)
+            # The tokenizer knows <image>: one piece, as transformers' processors tokenize it; then expand it.
+            ids, offsets = self._tokenize([text])[0]
+            expanded: tuple[list[int], list[tuple[int, int] | None]] = ([], [])
+            for token, offset in zip(ids, offsets, strict=True):
+                is_image = token == self._placeholder_id
+                expanded[0].extend(image if is_image else [token])
+                expanded[1].extend([None] * len(image) if is_image else [offset])
             return expanded
-        parts = [text.split(IMAGE_PLACEHOLDER) for text in texts]
-        tokenized = iter(self._tokenize([piece for pieces in parts for piece in pieces if piece]))
-        expanded = []
-        for pieces in parts:
-            ids: list[int] = []
-            for index, piece in enumerate(pieces):
-                if index:
-                    ids += image
-                if piece:
-                    ids += next(tokenized)
-            expanded.append(ids)
-        return expanded
+        # Otherwise around each <image>, as LLaVA's tokenizer_image_token does.
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        starts = [sum(len(p) + len(IMAGE_PLACEHOLDER) for p in pieces[:k]) for k in range(len(pieces))]
+        tokenized = iter(self._tokenize([piece for piece in pieces if piece]))
+        ids: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        for index, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
+            if index:
+                ids += image
+                spans += [None] * len(image)
+            if piece:
+                piece_ids, offsets = next(tokenized)
+                ids += piece_ids
+                spans += [(start + a, start + b) for a, b in offsets]
+        return ids, spans
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    def _tokenize_spans(self, spans: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-        """Token ids and labels of ``(text, learned)`` spans after the BOS a template may lack; image tokens are
-        never learned."""
-        input_ids: list[int] = list(self._bos)
-        labels: list[int] = [IGNORE_INDEX] * len(self._bos)
-        for (_, learn), ids in zip(spans, self._tokens_batch([text for text, _ in spans]), strict=True):
-            input_ids += ids
-            if learn and self.image_token_id not in ids:
-                labels += ids
-            else:
-                labels += [t if learn and t != self.image_token_id else IGNORE_INDEX for t in ids]
-        return input_ids, labels
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (ids, [tuple(o) for o in offsets]) for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])
+        ]
 
     def encode(self, conversation: Conversation) -> EncodedSample:
-        spans: list[tuple[str, bool]] = []
-        rendered = ""  # the text covered by spans so far
-
+        text = ""
+        learned: list[tuple[int, int]] = []  # character ranges whose tokens are learned
         for (_, reply), (prompt, full) in zip(conversation.turns, self.turn_texts(conversation), strict=True):
             body_end = full.find(reply.strip(), len(prompt)) + len(reply.strip())
             if (
-                not prompt.startswith(rendered)
+                not prompt.startswith(text)
                 or not full.startswith(prompt)
                 or body_end < len(prompt) + len(reply.strip())
             ):
@@ -265,15 +264,18 @@ class ChatEncoder:
                     "(each turn's prompt must extend the previous text); set llm.chat_template",
                 )
             end_marker = full[body_end:].rstrip()
-            spans += [
-                (prompt[len(rendered) :], False),
-                (full[len(prompt) : body_end], True),
-                (end_marker, conversation.learn_end_marker),
-            ]
-            rendered = full[: body_end + len(end_marker)]
+            learned.append((len(prompt), body_end + (len(end_marker) if conversation.learn_end_marker else 0)))
+            text = full[: body_end + len(end_marker)]
 
-        input_ids, labels = self._tokenize_spans(spans)
-        return self._truncate(conversation, input_ids, labels)
+        ids, spans = self._tokens(text)
+        labels = [
+            token
+            if span is not None and any(span[0] < end and span[1] > start for start, end in learned)
+            else IGNORE_INDEX
+            for token, span in zip(ids, spans, strict=True)
+        ]
+        input_ids = [*self._bos, *ids]
+        return self._truncate(conversation, input_ids, [IGNORE_INDEX] * len(self._bos) + labels)
 
     def _truncate(self, conversation: Conversation, input_ids: list[int], labels: list[int]) -> EncodedSample:
         if len(input_ids) > self.max_length:
@@ -292,7 +294,7 @@ class ChatEncoder:
         """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
         content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
         rendered = self._render([{"role": "user", "content": content}], add_generation_prompt=True)
-        return self._bos + self._tokens(rendered)
+        return self._bos + self._tokens(rendered)[0]
 
 
 def _template_reads_content_parts(tokenizer: PreTrainedTokenizerBase) -> bool:
