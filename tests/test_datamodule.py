@@ -108,3 +108,12 @@ def test_shards_without_manifest_need_resampled_mode(tmp_path):
     module = SafetyDataModule(train_shards=str(tmp_path / "*.tar"), mode="resampled", num_samples=8)
     module.setup("fit")
     assert [piece.positions for piece in module.pieces] == [None]
+
+
+def test_the_processor_comes_from_connect_not_from_the_trainer(tmp_path):
+    """The data layer never reaches into the model: without ``connect(processor)`` there is no loader."""
+    write_source(tmp_path, "a", [4])
+    module = SafetyDataModule(train_shards=str(tmp_path / "*.tar"))
+    module.setup("fit")
+    with pytest.raises(RuntimeError, match=r"SafetyDataModule.connect\(model.processor\) must be called"):
+        module.train_dataloader()

@@ -37,3 +37,44 @@ def test_layer_imports_only_lower_layers(layer):
         if name.startswith(FORBIDDEN[layer])
     ]
     assert not offending, offending
+
+
+LIGHTNING_OBJECTS = ("trainer", "fit_loop", "strategy", "lightning_module", "epoch_loop", "checkpoint_connector")
+
+
+def private_lightning_uses(path: Path) -> list[str]:
+    """Private names imported from Lightning, and private attributes read off Lightning's objects."""
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("lightning", "pytorch_lightning")):
+            uses += [f"imports {alias.name}" for alias in node.names if alias.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if any(name in owner.split(".")[-1] for name in LIGHTNING_OBJECTS):
+                uses.append(f"reads {owner}.{node.attr}")
+    return uses
+
+
+def test_private_lightning_attributes_are_used_in_the_compatibility_module_only():
+    compat = PACKAGE / "train" / "lightning_compat.py"
+    offending = {
+        str(path.relative_to(PACKAGE)): uses
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != compat and (uses := private_lightning_uses(path))
+    }
+    assert not offending, offending
+    assert private_lightning_uses(compat), "the compatibility module is where they are"
+
+
+def test_the_compatibility_module_refuses_lightning_versions_it_was_not_checked_for(monkeypatch):
+    import importlib
+
+    import lightning
+
+    from mllm_safety.train import lightning_compat
+
+    monkeypatch.setattr(lightning, "__version__", "2.99.0")
+    with pytest.raises(ImportError, match="checked for lightning>=2.4,<2.7.*lightning 2.99.0 is installed"):
+        importlib.reload(lightning_compat)
+    monkeypatch.undo()
+    importlib.reload(lightning_compat)
