@@ -82,7 +82,7 @@ def check_weight_names(
     Frozen weights of ``model`` may be present too; they are loaded like the rest. ``require_every_trainable=False``
     is for a bare base model (an export), which is not set up for training: what would learn there is unknown."""
     names = set(names)
-    known = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    known = set(_tensors(model))
     if unknown := sorted(names - known):
         raise ValueError(
             f"{source} holds {len(unknown)} weight(s) the model does not have, e.g. {unknown[:3]}; was it written "
@@ -100,7 +100,7 @@ def load_weights(
 ) -> list[str]:
     """Copy ``state`` into ``model`` after :func:`check_weight_names`; every tensor must have its weight's shape."""
     check_weight_names(source, state, model, require_every_trainable)
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = _tensors(model)
     for name, value in state.items():
         target = tensors[name]
         if tuple(value.shape) != tuple(target.shape):
@@ -111,6 +111,11 @@ def load_weights(
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
     return sorted(state)
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones (an LM head sharing the embeddings) under each of their names."""
+    return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
 
 
 def fingerprint(module: nn.Module) -> dict[str, Any] | None:
