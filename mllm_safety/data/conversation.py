@@ -214,21 +214,18 @@ class ChatEncoder:
         """Token ids of ``text`` and each token's character span (``None`` for image tokens), ``<image>`` expanded
         to the image tokens."""
         image = [self.image_token_id] * self.num_image_tokens
+        ids: list[int] = []
+        spans: list[tuple[int, int] | None] = []
         if self._placeholder_id is not None:
             # The tokenizer knows <image>: one piece, as transformers' processors tokenize it; then expand it.
-            ids, offsets = self._tokenize([text])[0]
-            expanded: tuple[list[int], list[tuple[int, int] | None]] = ([], [])
-            for token, offset in zip(ids, offsets, strict=True):
-                is_image = token == self._placeholder_id
-                expanded[0].extend(image if is_image else [token])
-                expanded[1].extend([None] * len(image) if is_image else [offset])
-            return expanded
+            for token, offset in zip(*self._tokenize([text])[0], strict=True):
+                ids += image if token == self._placeholder_id else [token]
+                spans += [None] * len(image) if token == self._placeholder_id else [offset]
+            return ids, spans
         # Otherwise around each <image>, as LLaVA's tokenizer_image_token does.
         pieces = text.split(IMAGE_PLACEHOLDER)
         starts = [sum(len(p) + len(IMAGE_PLACEHOLDER) for p in pieces[:k]) for k in range(len(pieces))]
         tokenized = iter(self._tokenize([piece for piece in pieces if piece]))
-        ids: list[int] = []
-        spans: list[tuple[int, int] | None] = []
         for index, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
             if index:
                 ids += image
