@@ -30,6 +30,7 @@ from mllm_safety.model.llm import LLMConfig  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
 from mllm_safety.train.checkpoints import TrainableWeightsCheckpoint  # noqa: E402
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts  # noqa: E402
+from mllm_safety.train.parallel import FSDP2Strategy  # noqa: E402
 
 GLOBAL_BATCH = 4
 BATCHES_PER_EPOCH = 2
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--single_file", action="store_true", help="fsdp2 gathers checkpoints into one file")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--accumulate", type=int, default=1)
@@ -123,7 +125,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=FSDP2Strategy(save_distributed_checkpoint=False) if args.single_file else args.strategy,
         precision=args.precision,
         max_epochs=args.epochs,
         accumulate_grad_batches=args.accumulate,

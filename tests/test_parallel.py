@@ -31,6 +31,8 @@ MODEL_SECTION = {
     "optim": {"lr": 1e-2, "projector_lr": 1e-2, "warmup_ratio": 0.0},
 }
 """The model distributed_fit.py trains, as the ``model`` section of a fit config."""
+# distributed_fit.py builds the module in Python: the hyperparameters in its checkpoints are these dataclasses.
+torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts])
 
 
 def run_script(out: Path, *args: str) -> dict:
@@ -92,24 +94,26 @@ def test_accumulated_micro_batches_on_one_or_two_fsdp2_processes_train_like_whol
 
 
 def test_fsdp2_resumes_from_its_sharded_checkpoint(runs, tmp_path):
-    """Each rank wrote its shard of the trainable weights only; resuming after epoch 0 ends where the full run ended,
-    and keeps the safety evaluations of the first epoch instead of evaluating trained weights as the baseline."""
+    """Each rank wrote its shard of the trainable weights only; resuming after epoch 0 (here with checkpoints gathered
+    into one file) ends where the full run ended, and keeps the safety evaluations of the first epoch instead of
+    evaluating trained weights as the baseline."""
     (folder, sharded), (_, single) = runs["fsdp2"], runs["single"]
     checkpoint = folder / "checkpoints" / "epoch=0-step=2.ckpt"
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    args = ["--devices", "2", "--strategy", "fsdp2", "--accumulate", "2", "--ckpt_path", str(checkpoint)]
+    args = ["--devices", "2", "--single_file", "--accumulate", "2", "--ckpt_path", str(checkpoint)]
     resumed = run_script(tmp_path, *args)
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(single["losses"][2:]), rtol=1e-5, atol=0)
     assert_same_weights(resumed["weights"], single["weights"])
     assert resumed["safety"] == sharded["safety"]
+    # this run gathered its checkpoints into single files on rank 0: the trainable weights, and nothing frozen
+    gathered = torch.load(tmp_path / "checkpoints" / "epoch=1-step=4.ckpt", weights_only=True)["state_dict"]
+    assert_same_weights(gathered, single["weights"])
 
 
 def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(runs, tmp_path):
     """``evaluate --ckpt_path`` on the sharded checkpoint folder and on trainable.safetensors of a 2-process FSDP2 run,
     in one process: the figures the safety callback computed inside training at the same step."""
     folder, sharded = runs["fsdp2"]
-    # distributed_fit.py builds the module in Python: its hyperparameters in the checkpoint are these dataclasses
-    torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts])
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"seed_everything": 0, "model": MODEL_SECTION}))
     trainable = sharded["weights"]
