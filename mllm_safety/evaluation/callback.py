@@ -27,6 +27,7 @@ class SafetyEvalCallback(L.Callback):
     ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin, and ``utility/<set>/<metric>`` for
     utility sets. Each rank generates for its own slice
     of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same figures.
+    The history of evaluations is saved in checkpoints: a resumed run keeps its baseline and its table.
     """
 
     def __init__(

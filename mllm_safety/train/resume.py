@@ -121,6 +121,8 @@ class ExactResume(L.Callback):
     - The random generators are saved in each checkpoint and restored right before the first resumed batch, so that
       dropout draws the masks an uninterrupted run would have drawn. Rank 0's state is saved and restored on every
       rank: ranks start from the same seed and draw alike.
+    - A run resumed from a checkpoint with nothing left to train (the command of a finished run, run again) ends with
+      a message saying so.
     """
 
     def __init__(self) -> None:
