@@ -12,24 +12,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mllm_safety.model.lora import LoraSettings, apply_lora
+from mllm_safety.model.lora import LoraSettings
 
 FORMAT = "mllm_safety.trainable/1"
 """Recorded in the file's metadata, so a foreign safetensors file is refused with a clear message."""
 
 
 def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{part: (trainable, total)}`` for each direct child of ``model`` and ``"all"``; shared tensors count once."""
-    counts: dict[str, tuple[int, int]] = {}
-    for part, module in [*model.named_children(), ("all", model)]:
-        params = list(module.parameters())
-        counts[part] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
-    return counts
+    """``{part: (trainable, total)}`` for each part of ``model`` (vision, projector, llm) and ``"all"``; shared
+    tensors count once."""
+    parts = model.parameter_parts()
+    counts: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        for part in (parts[name], "all"):
+            count = counts.setdefault(part, [0, 0])
+            count[0] += param.numel() if param.requires_grad else 0
+            count[1] += param.numel()
+    return {part: (count[0], count[1]) for part, count in sorted(counts.items(), key=lambda kv: kv[0] == "all")}
 
 
 def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
@@ -100,16 +103,18 @@ def load_trainable(model: nn.Module, path: str | Path) -> list[str]:
     """Copy the weights in ``path`` into ``model``; returns the names loaded.
 
     ``model`` is the base model the run started from (same architecture, e.g. ``load_llava_hf`` of the same
-    checkpoint) or the training module's model. When the file holds LoRA adapters and ``model.llm`` has none yet,
-    they are created from the settings recorded in the file. Every tensor must find a parameter of the same shape.
+    checkpoint) or the training module's model. When the file holds LoRA adapters and the model has none yet,
+    they are created (``model.add_lora``) from the settings recorded in the file. Every tensor must find a parameter
+    of the same shape.
     """
     metadata = read_trainable_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
-        if any(".lora_" in name for name in names) and not isinstance(getattr(model, "llm", None), PeftModel):
+        has_lora = any(".lora_" in name for name, _ in model.named_parameters())
+        if any(".lora_" in name for name in names) and not has_lora:
             if "lora" not in metadata:
                 raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
-            model.llm = apply_lora(model.llm, LoraSettings(**json.loads(metadata["lora"])))
+            model.add_lora(LoraSettings(**json.loads(metadata["lora"])))
         params = dict(model.named_parameters())
         unknown = [name for name in names if name not in params]
         if unknown:
