@@ -4,6 +4,10 @@ Each family is a tiny random checkpoint with its real config, model and processo
 shaped like the published one (tests/hub_models.py).
 """
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from hub_models import CHAT_TEMPLATES, END_MARKERS, FAMILIES
@@ -14,7 +18,7 @@ from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import Conversation, parse_llava_record
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.evaluation.generation import generate_replies
-from mllm_safety.model.hub_vlm import HubOptions
+from mllm_safety.model.hub_vlm import HubOptions, HubVLM, load_hub_vlm
 from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
 from mllm_safety.train.module import SafetyAlignModule, TrainableParts
@@ -191,3 +195,48 @@ def test_lora_on_the_language_model_only_and_vision_and_projector_frozen(family)
     counts = module.parameter_counts
     assert counts["vision"][0] == counts["projector"][0] == 0 and counts["vision"][1] > 0 and counts["projector"][1] > 0
     assert counts["all"][1] == sum(counts[part][1] for part in ("vision", "projector", "llm"))
+
+
+# --- a folder that cannot be trained as a hub VLM: an error naming it and what is missing ---
+
+
+def copy_checkpoint(source, target, skip=()):
+    target.mkdir(parents=True, exist_ok=True)
+    for file in Path(source).iterdir():
+        if file.name not in skip:
+            shutil.copy(file, target / file.name)
+    return str(target)
+
+
+def test_a_folder_that_is_no_image_text_to_text_checkpoint_is_a_clear_error(tmp_path, tiny_llm, tokenizer):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}.*readable config.json"):
+        load_hub_vlm(str(tmp_path / "missing"), HubOptions())
+    tiny_llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'llm'}.*unsupported architecture 'llama'"):
+        load_hub_vlm(str(tmp_path / "llm"), HubOptions())
+
+
+def test_unknown_weights_layout_is_an_unsupported_architecture():
+    with pytest.raises(ValueError, match="'/models/x': unsupported architecture Linear: 2 weights lie outside"):
+        HubVLM(torch.nn.Linear(2, 2), {}, "/models/x")
+
+
+def test_a_folder_without_processor_or_chat_template_is_a_clear_error(hub_checkpoint, tmp_path):
+    source = hub_checkpoint("qwen25_vl")
+    processor_files = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+    no_processor = copy_checkpoint(source, tmp_path / "no_processor", skip=processor_files)
+    with pytest.raises(FileNotFoundError, match=f"{no_processor}.*(no multimodal processor|no readable processor)"):
+        load_hub_vlm(no_processor, HubOptions())
+    no_template = copy_checkpoint(source, tmp_path / "no_template", skip=("chat_template.jinja", "chat_template.json"))
+    with pytest.raises(ValueError, match=f"{no_template}.*no chat template.*model.hub.chat_template"):
+        load_hub_vlm(no_template, HubOptions())
+    model, processor = load_hub_vlm(no_template, HubOptions(chat_template="yi_vl"))
+    assert "### Human:" in processor.chat_template
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path):
+    config = {"model_type": "my_vlm", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{tmp_path}.*needs its own code.*trust_remote_code is off"):
+        load_hub_vlm(str(tmp_path), HubOptions())
