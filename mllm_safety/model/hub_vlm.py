@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.model.chat_templates import named_chat_template
-from mllm_safety.model.lora import LoraSettings, inject_lora
+from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
 from mllm_safety.model.mllm import MultimodalOutput
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
@@ -292,3 +292,15 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def save_hub_vlm(model: HubVLM, processor, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` with its LoRA adapters folded in, and its processor with the chat template it was trained
+    with, as a folder ``AutoModelForImageTextToText`` and ``AutoProcessor`` load (Yi-VL: LLaMA-Factory's loader or
+    :class:`YiVLForConditionalGeneration`; stock transformers has no Yi-VL projector)."""
+    persistent = {name.replace(".base_layer.", ".") for name in model.hf.state_dict() if ".lora_" not in name}
+    tensors = {name: t for name, t in merged_tensors(model.hf).items() if name in persistent}
+    if dtype is not None:
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    model.hf.save_pretrained(path, state_dict=tensors)
+    processor.save_pretrained(path)
