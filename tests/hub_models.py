@@ -268,8 +268,8 @@ FAMILIES = {
 }
 """Family -> writer of its tiny checkpoint."""
 
-CHAT_TEMPLATES = {"yi_vl": "yi_vl"}
-"""Families whose checkpoint has no template of its own: the named template their config uses."""
+CHAT_TEMPLATES = {"yi_vl": "yi_vl", "llava_next_mistral": "llava_next_mistral"}
+"""The named templates the configs of these families use."""
 
 END_MARKERS = {
     "llava_next_mistral": "</s>",

@@ -37,7 +37,23 @@ YI_VL_CHAT_TEMPLATE = (
 ``SYSTEM### Human: <image>\\nQ\\n### Assistant:A<|endoftext|>\\n### Human: ...``; content parts as transformers'
 processors pass them."""
 
-NAMED_CHAT_TEMPLATES = {"llava_v1": LLAVA_V1_CHAT_TEMPLATE, "yi_vl": YI_VL_CHAT_TEMPLATE}
+LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+"""llava-hf's ``llava-v1.6-mistral-7b-hf`` template, ``[INST] <image>\nQ [/INST] A</s> ``, with the EOS some revisions
+of the checkpoint misspell as ``<\\s>`` (a model trained on that text never learns to stop)."""
+
+NAMED_CHAT_TEMPLATES = {
+    "llava_v1": LLAVA_V1_CHAT_TEMPLATE,
+    "llava_next_mistral": LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
+    "yi_vl": YI_VL_CHAT_TEMPLATE,
+}
 
 
 def named_chat_template(template: str | None) -> str | None:
