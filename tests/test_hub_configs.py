@@ -1,6 +1,8 @@
-"""The hub VLM configs with the paper's recipe, built on the meta device from the published architectures (config
-values below, copied from the checkpoints' config.json; nothing is downloaded or allocated)."""
+"""The hub VLM configs with the paper's recipe, built on the meta device from the published architectures
+(configs/architectures/*.json: the architecture part of each checkpoint's config.json; nothing is downloaded or
+allocated)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,134 +16,21 @@ from mllm_safety.fit import main
 from mllm_safety.train.module import SafetyAlignModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-CLIP_L_336 = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "image_size": 336,
-    "patch_size": 14,
-    "projection_dim": 768,
+ARCHITECTURES = CONFIGS / "architectures"
+PUBLISHED = {  # config -> (test family with the same processor, the published checkpoint's architecture)
+    "llava_next_mistral_7b_lora": ("llava_next_mistral", "llava_v1.6_mistral_7b.json"),  # llava-hf/...-hf
+    "llama3_llava_next_8b_lora": ("llama3_llava_next", "llama3_llava_next_8b.json"),  # llava-hf/...-hf
+    # BUAADreamer/Yi-VL-6B-hf: CLIP ViT-H/14-448 + Yi-6B and the LayerNorm projector; its vocabulary is assumed to be
+    # Yi's 64000 tokens + <image>, padded to a multiple of 64 as llava-hf conversions do
+    "yi_vl_6b_lora": ("yi_vl", "yi_vl_6b.json"),
+    "qwen25_vl_7b_lora": ("qwen25_vl", "qwen2.5_vl_7b.json"),  # Qwen/Qwen2.5-VL-7B-Instruct
 }
-ANYRES = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-PUBLISHED = {
-    "llava_next_mistral_7b_lora": {  # llava-hf/llava-v1.6-mistral-7b-hf
-        "family": "llava_next_mistral",
-        "config": {
-            "model_type": "llava_next",
-            "vision_config": CLIP_L_336,
-            "text_config": {
-                "model_type": "mistral",
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": 32,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 32064,
-                "max_position_embeddings": 32768,
-                "rope_theta": 1000000.0,
-                "sliding_window": None,
-            },
-            "image_token_index": 32000,
-            "image_grid_pinpoints": ANYRES,
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "tie_word_embeddings": False,
-        },
-    },
-    "llama3_llava_next_8b_lora": {  # llava-hf/llama3-llava-next-8b-hf
-        "family": "llama3_llava_next",
-        "config": {
-            "model_type": "llava_next",
-            "vision_config": CLIP_L_336,
-            "text_config": {
-                "model_type": "llama",
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": 32,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 128320,
-                "max_position_embeddings": 8192,
-                "rope_theta": 500000.0,
-            },
-            "image_token_index": 128256,
-            "image_grid_pinpoints": ANYRES,
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "tie_word_embeddings": False,
-        },
-    },
-    "yi_vl_6b_lora": {  # BUAADreamer/Yi-VL-6B-hf: CLIP ViT-H/14-448 + Yi-6B, LayerNorm projector; the vocabulary is
-        # assumed to be Yi's 64000 tokens + <image> padded to a multiple of 64, as llava-hf conversions do
-        "family": "yi_vl",
-        "config": {
-            "model_type": "llava",
-            "is_yi_vl_derived_model": True,
-            "vision_config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 1280,
-                "intermediate_size": 5120,
-                "num_attention_heads": 16,
-                "num_hidden_layers": 32,
-                "image_size": 448,
-                "patch_size": 14,
-                "projection_dim": 1024,
-            },
-            "text_config": {
-                "model_type": "llama",
-                "hidden_size": 4096,
-                "intermediate_size": 11008,
-                "num_hidden_layers": 32,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 4,
-                "vocab_size": 64064,
-                "max_position_embeddings": 4096,
-                "rope_theta": 5000000.0,
-            },
-            "image_token_index": 64000,
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "tie_word_embeddings": False,
-        },
-    },
-    "qwen25_vl_7b_lora": {  # Qwen/Qwen2.5-VL-7B-Instruct
-        "family": "qwen25_vl",
-        "config": {
-            "model_type": "qwen2_5_vl",
-            "text_config": {
-                "model_type": "qwen2_5_vl_text",
-                "hidden_size": 3584,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-                "vocab_size": 152064,
-                "max_position_embeddings": 128000,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-                "tie_word_embeddings": False,
-            },
-            "vision_config": {
-                "depth": 32,
-                "hidden_size": 1280,
-                "intermediate_size": 3420,
-                "num_heads": 16,
-                "out_hidden_size": 3584,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "window_size": 112,
-                "fullatt_block_indexes": [7, 15, 23, 31],
-            },
-            "image_token_id": 151655,
-            "video_token_id": 151656,
-            "vision_start_token_id": 151652,
-            "vision_end_token_id": 151653,
-            "tie_word_embeddings": False,
-        },
-    },
-}
+
+
+def architecture(name: str) -> dict:
+    return json.loads((ARCHITECTURES / PUBLISHED[name][1]).read_text())
+
+
 COUNTS = {  # (trainable, total) as logged at start and written in the README's model table
     "llava_next_mistral_7b_lora": (335_544_320, 7_902_291_968),
     "llama3_llava_next_8b_lora": (335_544_320, 8_690_821_120),
@@ -153,9 +42,9 @@ COUNTS = {  # (trainable, total) as logged at start and written in the README's 
 def published_folder(name, tmp_path, hub_checkpoint):
     """The processor files of the family's tiny checkpoint under the published config.json, without weights."""
     folder = tmp_path / name
-    shutil.copytree(hub_checkpoint(PUBLISHED[name]["family"]), folder)
+    shutil.copytree(hub_checkpoint(PUBLISHED[name][0]), folder)
     (folder / "model.safetensors").unlink()
-    spec = dict(PUBLISHED[name]["config"])
+    spec = architecture(name)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config.save_pretrained(folder)
     return str(folder)
@@ -186,7 +75,7 @@ def test_config_builds_the_published_architecture_with_the_recipe(name, tmp_path
     module = module_on_meta(name, published_folder(name, tmp_path, hub_checkpoint))
     model = module.model
     assert all(p.is_meta for p in model.parameters()), "nothing is allocated"
-    text = PUBLISHED[name]["config"]["text_config"]
+    text = architecture(name)["text_config"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     parts = model.parameter_parts()
     assert trainable and all(".lora_" in n and parts[n] == "llm" for n in trainable)
