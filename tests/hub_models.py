@@ -259,12 +259,64 @@ def write_tiny_yi_vl(path: str | Path, seed: int = 0) -> str:
     return _save(model, processor, path, [tokenizer.eos_token_id])
 
 
+SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def write_tiny_smolvlm(path: str | Path, seed: int = 0) -> str:
+    """SmolVLM: Idefics3's design in its own classes (a SigLIP-like tower, pixel shuffle, image splitting, a SmolLM2
+    text model) and SmolVLM-Instruct's template."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    rows = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *rows])
+    ids = tokenizer.convert_tokens_to_ids
+    config = SmolVLMConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 24,
+            "patch_size": 6,
+        },
+        text_config={"model_type": "llama", **_text_config(tokenizer)},
+        image_token_id=ids("<image>"),
+        scale_factor=2,
+    )
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    image_processor = SmolVLMImageProcessor(
+        size={"longest_edge": 72}, max_image_size={"longest_edge": 24}, do_image_splitting=True
+    )
+    processor = SmolVLMProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=4,
+        chat_template=SMOLVLM_TEMPLATE,
+    )
+    return _save(model, processor, path, [ids("<end_of_utterance>"), tokenizer.eos_token_id])
+
+
 FAMILIES = {
     "llava_next_mistral": lambda path: write_tiny_llava_next(path, "mistral"),
     "llama3_llava_next": lambda path: write_tiny_llava_next(path, "llama3"),
     "yi_vl": write_tiny_yi_vl,
     "qwen25_vl": write_tiny_qwen25_vl,
     "idefics3": write_tiny_idefics3,
+    "smolvlm": write_tiny_smolvlm,
 }
 """Family -> writer of its tiny checkpoint."""
 
@@ -277,6 +329,7 @@ END_MARKERS = {
     "yi_vl": "<|endoftext|>",
     "qwen25_vl": "<|im_end|>",
     "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
 }
 """The end-of-turn marker each family's template puts after a reply."""
 
