@@ -240,3 +240,26 @@ def test_remote_code_is_refused_unless_trusted(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{tmp_path}.*needs its own code.*trust_remote_code is off"):
         load_hub_vlm(str(tmp_path), HubOptions())
+
+
+def test_gradient_checkpointing_and_bf16_frozen_weights(hub_checkpoint):
+    path = hub_checkpoint("qwen25_vl")
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same adapters
+        module = hub_module(path, "qwen25_vl", gradient_checkpointing=checkpointing)
+        assert module.model.hf.model.language_model.is_activation_checkpointing == checkpointing
+        processor = module.processor
+        batch = processor.collate([processor(conversation("a", picture("red", (40, 30))))])
+        loss = module.model(**batch.model_inputs()).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    torch.testing.assert_close(recomputed, plain)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad)
+    module = hub_module(path, "qwen25_vl", frozen_dtype="bfloat16")
+    assert {p.dtype for p in module.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in module.model.parameters() if p.requires_grad} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(module.model(**batch.model_inputs()).loss)

@@ -100,7 +100,8 @@ class SafetyAlignModule(L.LightningModule):
             pretrained: A transformers image-text-to-text checkpoint (folder or hub name) trained through its own
                 class and processor: LLaVA-NeXT, Yi-VL, Qwen2.5-VL, Idefics3/SmolVLM, ...
             hub: How to read ``pretrained`` (chat template, processor options, remote code).
-            max_length: Longest tokenized sample, image tokens included; longer ones are truncated.
+            max_length: Longest tokenized sample, image tokens included; longer ones are truncated, or skipped and
+                counted when the cut would fall inside the image.
             lora: LoRA adapters on the LLM; ``null`` for none.
             trainable: Which parts learn.
             optim: Optimizer and schedule.
