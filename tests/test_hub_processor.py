@@ -127,3 +127,14 @@ def test_the_same_shards_train_every_family(family, hub_checkpoint):
     assert not any(b.stats[name] for b in batches for name in b.stats if name.startswith("skipped"))
     assert all((b.labels != -100).any(dim=1).all() for b in batches)
     assert any(b.pixel_values.numel() for b in batches)
+
+
+def test_processor_kwargs_bound_the_image_tokens(hub_checkpoint):
+    path = hub_checkpoint("qwen25_vl")
+    sample = hub_processor(path, "qwen25_vl").prompt("a", "What?", picture((300, 200)))
+    options = HubOptions(processor_kwargs={"max_pixels": 56 * 56})
+    hf_processor = load_hub_processor(path, options)
+    encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, 512, image_parts=True)
+    bounded = HubProcessor(hf_processor, encoder, [0]).prompt("a", "What?", picture((300, 200)))
+    image_tokens = [int((s.token_inputs["mm_token_type_ids"] == 1).sum()) for s in (sample, bounded)]
+    assert image_tokens == [12, 2]  # 6 x 8 patches of 14 px merged 2 x 2; at most 56 x 56 px: 2 x 4 patches
