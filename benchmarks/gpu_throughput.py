@@ -1,7 +1,9 @@
-"""Training throughput of a LLaVA-1.5-shaped model with LoRA under FSDP2 in bf16: tokens/s, step time and MFU.
+"""Training throughput of a LLaVA-1.5- or Qwen2.5-VL-shaped model with LoRA under FSDP2 in bf16: tokens/s, step
+time and MFU.
 
     python benchmarks/gpu_throughput.py                      # LLaVA-1.5-7B shape on every GPU of this machine
     python benchmarks/gpu_throughput.py --model 13b --devices 8 --batch_size 4 --activation_checkpointing
+    python benchmarks/gpu_throughput.py --model qwen25-vl-7b  # Qwen2.5-VL-7B through its transformers class
 
 The model is built from its shape alone, with random weights, directly on the GPU (no download): CLIP ViT-L/14-336
 (patch tokens of the second-to-last block), the mlp2x_gelu projector and a Vicuna-shaped Llama decoder (SmolLM2's
@@ -13,7 +15,12 @@ MFU = model FLOPs per second / (GPUs x peak dense bf16 FLOPs). Model FLOPs count
 what is recomputed: per LLM token 4 x frozen weights (forward + activation gradients) + 6 x trainable weights
 (LoRA, projector) + 12 x layers x hidden x sequence for attention (PaLM's convention); the vision tower forward only
 (it is frozen and nothing before it learns); the LM head for the positions that predict a reply token.
-``--cpu_check`` runs a tiny model on 2 CPU processes to check the script itself; its figures mean nothing.
+The Qwen2.5-VL-7B shape (``benchmarks/qwen_shape.py``) is the published architecture with random weights, trained
+through ``model.pretrained`` as a downloaded checkpoint would be (LoRA on the language model, vision tower and merger
+frozen), on samples with one 672 x 672 image (2304 patches, 576 image tokens, as many as LLaVA-1.5's).
+
+``--cpu_check`` runs a tiny model of the chosen family on 2 CPU processes to check the script itself; its figures
+mean nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from mllm_safety.data.processor import Batch
 from mllm_safety.model.llm import LLMConfig
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import LoraSettings, OptimSettings, SafetyAlignModule, TrainableParts
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qwen_shape  # noqa: E402  (a sibling module of this script)
 
 LLM_SHAPES = {
     # Vicuna-7B/13B v1.5 (Llama 2): the LLMs of LLaVA-1.5-7B/13B.
@@ -146,7 +156,7 @@ class StepTimer(L.Callback):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(LLM_SHAPES), default="7b", help="LLaVA-1.5 size.")
+    parser.add_argument("--model", choices=["7b", "13b", "qwen25-vl-7b"], default="7b", help="LLaVA-1.5 or Qwen shape.")
     parser.add_argument("--devices", type=int, default=None, help="GPUs on this machine (default: all).")
     parser.add_argument("--num_nodes", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16-true", "bf16-mixed"], default="bf16-true")
@@ -163,8 +173,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    qwen = args.model == "qwen25-vl-7b"
     if args.cpu_check:
-        args.model, args.devices, args.precision, args.seq_len, args.lora_r = "tiny", 2, "32-true", 64, 8
+        args.model = args.model if qwen else "tiny"
+        args.devices, args.precision, args.seq_len, args.lora_r = 2, "32-true", 64, 8
         args.steps, args.warmup = 3, 1
     elif not torch.cuda.is_available():
         raise SystemExit(
@@ -177,22 +189,32 @@ def main() -> None:
     device = torch.device("cpu") if args.cpu_check else torch.device("cuda", local_rank)
 
     L.seed_everything(0)
-    with device:  # random weights created in place: a 7B model never goes through host memory
-        module = SafetyAlignModule(
-            llm=llm_config(args.model),
-            vision=VisionConfig(name=VISION[args.model]),
-            max_length=args.seq_len,
-            lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05),
-            trainable=TrainableParts(vision=False, projector=True, llm=False),
-            optim=OptimSettings(lr=2e-4, projector_lr=2e-5),
-            gradient_checkpointing=args.activation_checkpointing,
-        )
-    vocab = module.model.llm.get_input_embeddings().num_embeddings
     num_batches = args.warmup + args.steps
-    batches = synthetic_batches(
-        num_batches, args.batch_size, args.seq_len, vocab, module.model.vision.num_tokens, module.processor.image_size
-    )
-    flops = count_model_flops(module, batches[0])
+    with device:  # random weights created in place: a 7B model never goes through host memory
+        if qwen:
+            module = qwen_shape.build_module(args.cpu_check, args.seq_len, args.lora_r, args.activation_checkpointing)
+        else:
+            module = SafetyAlignModule(
+                llm=llm_config(args.model),
+                vision=VisionConfig(name=VISION[args.model]),
+                max_length=args.seq_len,
+                lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05),
+                trainable=TrainableParts(vision=False, projector=True, llm=False),
+                optim=OptimSettings(lr=2e-4, projector_lr=2e-5),
+                gradient_checkpointing=args.activation_checkpointing,
+            )
+    if qwen:
+        image_px = 56 if args.cpu_check else 672
+        batches = qwen_shape.synthetic_batches(module, num_batches, args.batch_size, args.seq_len, image_px)
+        flops = qwen_shape.count_model_flops(module, batches[0])
+        image_tokens, shape = flops.image_tokens_per_sample, "Qwen2.5-VL-7B"
+    else:
+        vocab = module.model.llm.get_input_embeddings().num_embeddings
+        image_tokens, shape = module.model.vision.num_tokens, f"LLaVA-1.5-{args.model}"
+        batches = synthetic_batches(
+            num_batches, args.batch_size, args.seq_len, vocab, image_tokens, module.processor.image_size
+        )
+        flops = count_model_flops(module, batches[0])
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -221,10 +243,10 @@ def main() -> None:
     peak = peak_flops(name, args.peak_tflops) if accelerator == "gpu" else None
     rows = [
         ("device", f"{world} x {name}"),
-        ("model", f"LLaVA-1.5-{args.model} shape, LoRA r={args.lora_r}, FSDP2, {args.precision}"),
+        ("model", f"{shape} shape, LoRA r={args.lora_r}, FSDP2, {args.precision}"),
         (
             "batch",
-            f"{args.batch_size}/GPU x {args.seq_len} tokens ({module.model.vision.num_tokens} image, "
+            f"{args.batch_size}/GPU x {args.seq_len} tokens ({image_tokens} image, "
             f"{flops.reply_tokens_per_sample} reply)",
         ),
         ("activation checkpointing", str(args.activation_checkpointing)),

@@ -89,3 +89,11 @@ def write_tiny_llava(path, text_overrides=None, image_token=True, seed=0):
 @pytest.fixture(scope="session")
 def tiny_llava_path(tmp_path_factory):
     return str(write_tiny_llava(tmp_path_factory.mktemp("tiny-llava")))
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """``hub_checkpoint(family)``: the folder of a tiny random hub VLM of that family (tests/hub_models.py)."""
+    from hub_models import HubCheckpoints
+
+    return HubCheckpoints(tmp_path_factory.mktemp("hub"))

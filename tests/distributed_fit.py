@@ -26,6 +26,7 @@ from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
 from mllm_safety.evaluation.callback import SafetyEvalCallback  # noqa: E402
 from mllm_safety.evaluation.registry import BenchmarkSpec  # noqa: E402
+from mllm_safety.model.hub_vlm import HubOptions  # noqa: E402
 from mllm_safety.model.llm import LLMConfig  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
 from mllm_safety.train.checkpoints import TrainableWeightsCheckpoint  # noqa: E402
@@ -103,15 +104,20 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--pretrained", default=None, help="A hub VLM folder instead of the tiny assembled model.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     # The CLI stores hyperparameters as plain dicts; built in Python they are these dataclasses.
-    torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts])
+    safe = [LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts, HubOptions]
+    torch.serialization.add_safe_globals(safe)
     L.seed_everything(0)
+    if args.pretrained is None:
+        source = {"llm": LLMConfig(random_init=TINY_LLM), "vision": VisionConfig(name="tiny-vit")}
+    else:
+        source = {"pretrained": args.pretrained}
     module = SafetyAlignModule(
-        llm=LLMConfig(random_init=TINY_LLM),
-        vision=VisionConfig(name="tiny-vit"),
+        **source,
         max_length=256,
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
         optim=OptimSettings(lr=1e-2, projector_lr=1e-2, warmup_ratio=0.0),

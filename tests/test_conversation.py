@@ -133,7 +133,7 @@ def sentencepiece_llama_tokenizer(legacy: bool):
     (so tokens span characters at span boundaries), BOS added, and <image> as a special token as in llava-hf."""
     from transformers import LlamaTokenizer
 
-    from mllm_safety.model.llava_hf import LLAVA_V1_CHAT_TEMPLATE
+    from mllm_safety.model.chat_templates import LLAVA_V1_CHAT_TEMPLATE
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
     for char in "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:?.,'!":

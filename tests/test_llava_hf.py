@@ -19,8 +19,8 @@ from transformers import (
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import ChatEncoder, parse_llava_record
 from mllm_safety.data.processor import MultimodalProcessor
+from mllm_safety.model.chat_templates import LLAVA_V1_CHAT_TEMPLATE
 from mllm_safety.model.llava_hf import (
-    LLAVA_V1_CHAT_TEMPLATE,
     load_llava_hf,
     load_llava_tokenizer,
     read_llava_config,

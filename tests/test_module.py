@@ -110,7 +110,9 @@ def test_frozen_bf16_needs_mixed_precision(tiny_llava_path, tmp_path):
     [
         ({"llava": LlavaHFConfig(path="x"), "llm": LLMConfig()}, "leave model.llm, model.vision and model.projector"),
         ({"llava": LlavaHFConfig(path="x"), "projector": "linear"}, "leave model.llm"),
-        ({"llm": LLMConfig()}, "set model.llava .*, or model.llm and model.vision"),
+        ({"llm": LLMConfig()}, "set model.pretrained .*, model.llava .*, or model.llm and model.vision"),
+        ({"pretrained": "x", "vision": VisionConfig(name="tiny-vit")}, "model.pretrained supplies the LLM"),
+        ({"pretrained": "x", "llava": LlavaHFConfig(path="x")}, "set one of model.llava and model.pretrained"),
         ({"vision": VisionConfig(name="tiny-vit")}, "or model.llm and model.vision"),
         ({"llava": LlavaHFConfig(path="x"), "frozen_dtype": "int8"}, "unknown frozen_dtype 'int8'"),
     ],

@@ -50,10 +50,10 @@ def run_script(out: Path, *args: str) -> dict:
     return torch.load(out / "result.pt", weights_only=True)
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any("projector" in k for k in a)
+def assert_same_weights(a: dict, b: dict, projector: str = "projector", atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any(projector in k for k in a)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,20 @@ def test_decoder_layers_are_the_llm_blocks(tiny_llm):
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
     with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_fsdp2_on_two_processes_trains_a_hub_vlm_like_one_process(tmp_path, hub_checkpoint):
+    """Qwen2.5-VL through its own transformers class: sharded decoder layers, vision blocks, merger and tower."""
+    path = hub_checkpoint("qwen25_vl")
+    single = run_script(tmp_path / "single", "--pretrained", path, "--epochs", "1")
+    sharded = run_script(
+        tmp_path / "fsdp2", "--pretrained", path, "--epochs", "1", "--devices", "2", "--strategy", "fsdp2"
+    )
+    assert sharded["world_size"] == 2 and len(single["losses"]) == len(sharded["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    # AdamW turns float-rounding differences of near-zero gradients into steps of ~1e-6 (measured: 5.6e-6 at most)
+    assert_same_weights(sharded["weights"], single["weights"], projector="visual.merger", atol=2e-5)
+    assert torch.equal(sharded["replies"], single["replies"])
+    assert all(torch.equal(a, b) for a, b in zip(sharded["uneven"], single["uneven"], strict=True))
+    assert [label for label, _ in sharded["safety"]] == ["before", "epoch 0"]
+    assert sharded["safety"] == single["safety"]

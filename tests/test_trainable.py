@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 
 from mllm_safety.export import export
 from mllm_safety.fit import main
-from mllm_safety.model.llava_hf import LLAVA_V1_CHAT_TEMPLATE, load_llava_hf
+from mllm_safety.model.chat_templates import LLAVA_V1_CHAT_TEMPLATE
+from mllm_safety.model.llava_hf import load_llava_hf
 from mllm_safety.model.lora import LoraSettings, apply_lora
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector

@@ -163,7 +163,8 @@ class ChatEncoder:
     it, and the label mask comes from the tokens' character offsets: a token is learned when it covers text of a
     reply (or of a learned end-of-turn marker). Tokenizing each span on its own would differ from that at span
     boundaries with sentencepiece-style tokenizers (a prefix space at every span start, and after special tokens only
-    in their legacy mode).
+    in their legacy mode). :meth:`spans` gives the same conversation as ``(text, learned)`` spans for processors
+    that tokenize span by span, as LLaMA-Factory does (hub VLMs: ``mllm_safety.data.hub_processor``).
     """
 
     def __init__(
@@ -172,7 +173,11 @@ class ChatEncoder:
         num_image_tokens: int,
         image_token_id: int,
         max_length: int = 2048,
+        image_parts: bool = False,
     ) -> None:
+        """``image_parts``: give the template the image as a content part (``{"type": "image"}``) where a user turn
+        holds ``<image>``, so that it writes the model's own image marker (hub VLMs, whose processor expands that
+        marker); otherwise ``<image>`` stays in the text and is expanded to ``num_image_tokens`` ids here."""
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: label masks need the character "
@@ -182,15 +187,34 @@ class ChatEncoder:
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
         self.max_length = max_length
-        self._content_parts = _template_reads_content_parts(tokenizer)
+        self.image_parts = image_parts
+        self._content_parts = image_parts or _template_reads_content_parts(tokenizer)
         self._placeholder_id = _placeholder_token_id(tokenizer)
-        self._bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
+        self.bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
+        """The BOS id the tokenizer adds but the template does not write (prepended to every sample), or ``[]``."""
         self.shape = TemplateShape.probe(self._render)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self._content_parts:
-            messages = [m | {"content": [{"type": "text", "text": m["content"]}]} for m in messages]
+            messages = [m | {"content": self._parts(m["content"], m["role"] == "user")} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _parts(self, text: str, user: bool) -> list[dict[str, str]]:
+        """Typed content parts of a message; with ``image_parts`` a user's ``<image>`` becomes an image part and the
+        whitespace beside it goes (``<image>\nQ`` renders as the template places an image before ``Q``)."""
+        if not (self.image_parts and user and IMAGE_PLACEHOLDER in text):
+            return [{"type": "text", "text": text}]
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        parts: list[dict[str, str]] = []
+        for index, piece in enumerate(pieces):
+            if index:
+                parts.append({"type": "image"})
+                piece = piece.lstrip()
+            if index < len(pieces) - 1:
+                piece = piece.rstrip()
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
 
     def turn_texts(self, conversation: Conversation) -> list[tuple[str, str]]:
         """For each turn, the rendered text up to its generation prompt and up to the end of its reply's turn.
@@ -244,13 +268,17 @@ class ChatEncoder:
             (ids, [tuple(o) for o in offsets]) for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])
         ]
 
-    def encode(self, conversation: Conversation) -> EncodedSample:
-        text = ""
-        learned: list[tuple[int, int]] = []  # character ranges whose tokens are learned
+    def spans(self, conversation: Conversation) -> list[tuple[str, bool]]:
+        """The rendered conversation as consecutive ``(text, learned)`` spans: each turn's prompt (not learned), its
+        reply, and its end-of-turn marker (learned unless ``conversation.learn_end_marker`` is off). Whitespace the
+        template puts after a marker opens the next prompt."""
+        spans: list[tuple[str, bool]] = []
+        rendered = ""  # the text covered by spans so far
+
         for (_, reply), (prompt, full) in zip(conversation.turns, self.turn_texts(conversation), strict=True):
             body_end = full.find(reply.strip(), len(prompt)) + len(reply.strip())
             if (
-                not prompt.startswith(text)
+                not prompt.startswith(rendered)
                 or not full.startswith(prompt)
                 or body_end < len(prompt) + len(reply.strip())
             ):
@@ -261,37 +289,60 @@ class ChatEncoder:
                     "(each turn's prompt must extend the previous text); set llm.chat_template",
                 )
             end_marker = full[body_end:].rstrip()
-            learned.append((len(prompt), body_end + (len(end_marker) if conversation.learn_end_marker else 0)))
-            text = full[: body_end + len(end_marker)]
+            spans += [
+                (prompt[len(rendered) :], False),
+                (full[len(prompt) : body_end], True),
+                (end_marker, conversation.learn_end_marker),
+            ]
+            rendered = full[: body_end + len(end_marker)]
+        return spans
 
-        ids, spans = self._tokens(text)
+    def encode(self, conversation: Conversation) -> EncodedSample:
+        """Token ids and labels of one whole tokenization of the conversation (as LLaVA trains): a token is learned
+        when it covers text of a learned span."""
+        text, learned = "", []
+        for span, learn in self.spans(conversation):
+            if learn:
+                learned.append((len(text), len(text) + len(span)))
+            text += span
+        ids, offsets = self._tokens(text)
         labels = [
             token
-            if span is not None and any(span[0] < end and span[1] > start for start, end in learned)
+            if offset is not None and any(offset[0] < end and offset[1] > start for start, end in learned)
             else IGNORE_INDEX
-            for token, span in zip(ids, spans, strict=True)
+            for token, offset in zip(ids, offsets, strict=True)
         ]
-        input_ids = [*self._bos, *ids]
-        return self._truncate(conversation, input_ids, [IGNORE_INDEX] * len(self._bos) + labels)
-
-    def _truncate(self, conversation: Conversation, input_ids: list[int], labels: list[int]) -> EncodedSample:
-        if len(input_ids) > self.max_length:
-            if self.image_token_id in input_ids[self.max_length :]:
-                raise SampleError(
-                    conversation.id,
-                    "too_long",
-                    f"{len(input_ids)} tokens; truncating to max_length={self.max_length} would cut the image",
-                )
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        if labels[1:].count(IGNORE_INDEX) == len(labels) - 1:
-            raise SampleError(conversation.id, "too_long", f"no reply token left within max_length={self.max_length}")
+        input_ids, labels = [*self.bos, *ids], [IGNORE_INDEX] * len(self.bos) + labels
+        keep = input_ids.index(self.image_token_id) + self.num_image_tokens if self.image_token_id in input_ids else 0
+        input_ids, labels = truncate(conversation.id, input_ids, labels, self.max_length, keep)
         return EncodedSample(id=conversation.id, input_ids=input_ids, labels=labels, image=conversation.image)
+
+    def prompt_text(self, question: str, has_image: bool) -> str:
+        """The rendered single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
+        content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
+        return self._render([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def encode_prompt(self, question: str, has_image: bool) -> list[int]:
         """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
-        content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
-        rendered = self._render([{"role": "user", "content": content}], add_generation_prompt=True)
-        return self._bos + self._tokens(rendered)[0]
+        return self.bos + self._tokens(self.prompt_text(question, has_image))[0]
+
+
+def truncate(
+    sample_id: str, input_ids: list[int], labels: list[int], max_length: int, keep: int
+) -> tuple[list[int], list[int]]:
+    """Cut a sample to ``max_length`` tokens; the first ``keep`` (up to the end of its image) must stay whole, and
+    some reply token must remain. Otherwise the sample is skipped as ``too_long``, never cut mid-image."""
+    if len(input_ids) > max_length:
+        if keep > max_length:
+            raise SampleError(
+                sample_id,
+                "too_long",
+                f"{len(input_ids)} tokens; truncating to max_length={max_length} would cut the image",
+            )
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if labels[1:].count(IGNORE_INDEX) == len(labels) - 1:
+        raise SampleError(sample_id, "too_long", f"no reply token left within max_length={max_length}")
+    return input_ids, labels
 
 
 def _template_reads_content_parts(tokenizer: PreTrainedTokenizerBase) -> bool:

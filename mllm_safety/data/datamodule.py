@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mllm_safety.constants import cache_dir
-from mllm_safety.data.processor import Batch, MultimodalProcessor
+from mllm_safety.data.processor import Batch, Processor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
@@ -107,9 +107,9 @@ class SafetyDataModule(L.LightningDataModule):
         self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
         self.position = StreamPosition()
-        self.processor: MultimodalProcessor | None = None
+        self.processor: Processor | None = None
 
-    def connect(self, processor: MultimodalProcessor) -> None:
+    def connect(self, processor: Processor) -> None:
         """Take the model's processor: how conversations become token ids and images become pixels."""
         self.processor = processor
 
@@ -182,7 +182,7 @@ class SafetyDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Scale and normalize the ``uint8`` images on the device (see :class:`MultimodalProcessor`)."""
+        """Finish the images on the device (``uint8`` ones are scaled and normalized: :class:`MultimodalProcessor`)."""
         if isinstance(batch, Batch):
             batch.pixel_values = self.processor.finish_pixels(batch.pixel_values)
         return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ class ModelSample:
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Other tensors of the sample's image a hub model takes (``image_grid_thw``, ``image_sizes``, ...)."""
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors with one entry per token beside ``input_ids`` (Qwen's ``mm_token_type_ids``), padded with 0."""
 
 
 @dataclass
@@ -30,7 +35,10 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
-    """Images of the samples that have one, in batch order; ``(0, 3, H, W)`` when none has."""
+    """Images of the samples that have one, in batch order; empty (``(0, 3, H, W)`` or ``(0,)``) when none has."""
+    extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Model-specific inputs beside ids and pixels, passed to the model by name: ``image_grid_thw`` and
+    ``mm_token_type_ids`` (Qwen2.5-VL), ``image_sizes`` (LLaVA-NeXT), ``pixel_attention_mask`` (Idefics3)."""
     stats: dict[str, int] = field(default_factory=dict)
     """Data-pipeline counts since the previous batch of the same worker (``skipped_<reason>``, ``repeated``), for
     the trainer to log; the same keys on every rank."""
@@ -41,15 +49,74 @@ class Batch:
         for name, value in pinned.items():
             if isinstance(value, torch.Tensor):
                 pinned[name] = value.pin_memory()
+        pinned["extra_inputs"] = {name: value.pin_memory() for name, value in self.extra_inputs.items()}
         return Batch(**pinned)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's ``forward``."""
+        return {**self.generation_inputs(), "labels": self.labels}
+
+    def generation_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's ``generate`` (no labels)."""
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
-            "labels": self.labels,
             "pixel_values": self.pixel_values,
+            **self.extra_inputs,
         }
+
+
+class Processor(Protocol):
+    """What data and evaluation take from a model, whatever its family: conversations in, padded batches out.
+
+    :class:`MultimodalProcessor` serves the assembled LLaVA-style model; ``mllm_safety.data.hub_processor.HubProcessor``
+    serves hub VLMs through their own transformers processor.
+    """
+
+    stop_token_ids: list[int]
+    """Token ids that end a reply in generation (every end-of-sequence id of the checkpoint)."""
+
+    @property
+    def tokenizer(self): ...
+
+    def __call__(self, conversation: Conversation) -> ModelSample:
+        """A training sample with model-ready pixels."""
+
+    def stream_sample(self, conversation: Conversation) -> ModelSample:
+        """A training sample for the data workers; its batch needs :meth:`finish_pixels` on the device."""
+
+    def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
+        """A single-turn generation prompt."""
+
+    def collate(self, samples: list[ModelSample], padding_side: str = "right") -> Batch:
+        """Pad samples into a batch: right for training, left for generation."""
+
+    def finish_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Model-ready pixels from a batch's (possibly ``uint8``) ones, on their device."""
+
+
+def pad_tokens(
+    samples: list[ModelSample], pad_id: int, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``input_ids``, ``labels``, ``attention_mask`` and the samples' ``token_inputs``, padded to the longest sample
+    on ``padding_side`` (token inputs with 0, a sample without one counts as all 0)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    names = sorted({name for s in samples for name in s.token_inputs})
+    token_inputs = {name: torch.zeros((len(samples), length), dtype=torch.long) for name in names}
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span] = sample.input_ids
+        labels[row, span] = sample.labels
+        attention_mask[row, span] = 1
+        for name, values in sample.token_inputs.items():
+            token_inputs[name][row, span] = values
+    return input_ids, labels, attention_mask, token_inputs
 
 
 def _long_tensor(values: list[int]) -> torch.Tensor:
@@ -91,10 +158,12 @@ class MultimodalProcessor:
         encoder: ChatEncoder,
         image_transform: Callable[[Image.Image], torch.Tensor],
         image_size: tuple[int, int],
+        stop_token_ids: list[int] | None = None,
     ) -> None:
         self.encoder = encoder
         self.image_transform = image_transform
         self.image_size = image_size
+        self.stop_token_ids = stop_token_ids or [encoder.tokenizer.eos_token_id]
         self._split = split_at_to_tensor(image_transform)
 
     def _raw_pixels(self, image: Image.Image | None) -> torch.Tensor | None:
@@ -152,17 +221,7 @@ class MultimodalProcessor:
 
     def collate(self, samples: list[ModelSample], padding_side: str = "right") -> Batch:
         """Pad to the longest sample: right for training, left for generation."""
-        length = max(len(s.input_ids) for s in samples)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample.input_ids)
-            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-            input_ids[row, span] = sample.input_ids
-            labels[row, span] = sample.labels
-            attention_mask[row, span] = 1
+        input_ids, labels, attention_mask, _ = pad_tokens(samples, self.tokenizer.pad_token_id, padding_side)
         images = [s.pixel_values for s in samples if s.pixel_values is not None]
         if images and all(image.dtype == torch.uint8 for image in images):
             # Stacked in the HWC order they are stored in: a plain copy instead of a strided gather (several times

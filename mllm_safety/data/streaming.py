@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mllm_safety.data.batching import exact_batches, length_grouped_batches
 from mllm_safety.data.conversation import SKIP_REASONS, SampleError
-from mllm_safety.data.processor import Batch, ModelSample, MultimodalProcessor
+from mllm_safety.data.processor import Batch, ModelSample, Processor
 from mllm_safety.data.rejection import RejectionSwap
 from mllm_safety.data.shards import ShardSlice, decode_sample, read_slice
 
@@ -40,7 +40,7 @@ class SampleStream:
 
     def __init__(
         self,
-        processor: MultimodalProcessor,
+        processor: Processor,
         swap: RejectionSwap,
         skip_bad_samples: bool,
         skipped: Counter[str] | None = None,
@@ -106,7 +106,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         pieces: list[ShardSlice],
-        processor: MultimodalProcessor,
+        processor: Processor,
         swap: RejectionSwap,
         *,
         batch_size: int,

@@ -49,18 +49,17 @@ def rank_slice(prompts: list[EvalPrompt], rank: int, world: int) -> list[int | N
 def generate_replies(module: L.LightningModule, samples: list[ModelSample], max_new_tokens: int) -> list[str]:
     """Greedy replies to a batch of prompt samples: the one call the safety evaluation makes into the model.
 
-    ``module`` is the LightningModule (``.model`` the MultimodalLM, ``.processor``); prompts are left-padded so that
-    every reply starts right after its prompt, and decoding uses the KV cache.
+    ``module`` is the LightningModule (``.model`` the model, ``.processor`` its processor); prompts are left-padded
+    so that every reply starts right after its prompt, decoding uses the KV cache, and a reply ends at any of the
+    processor's stop tokens (every end-of-sequence id of the checkpoint).
     """
     processor = module.processor
     tokenizer = processor.tokenizer
     batch = module.transfer_batch_to_device(processor.collate(samples, padding_side="left"), module.device, 0)
     new_tokens = module.model.generate(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.pixel_values,
+        **batch.generation_inputs(),
         max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=processor.stop_token_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
     return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

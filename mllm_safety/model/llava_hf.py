@@ -26,26 +26,10 @@ from transformers import (
 )
 
 from mllm_safety.constants import IMAGE_PLACEHOLDER
+from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import merged_llm_tensors, named_tensors
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
-
-LLAVA_V1_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set loop_messages = messages[1:] %}"
-    "{% else %}A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions.{% set loop_messages = messages %}{% endif %} "
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-"""LLaVA-1.5's training conversation (``conv_vicuna_v1``): ``<s>SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...``.
-llava-hf's own template drops the system prompt and the ``</s>`` after each reply, so a model finetuned with it
-never learns where to stop; the paper configs use this one."""
-
-NAMED_CHAT_TEMPLATES = {"llava_v1": LLAVA_V1_CHAT_TEMPLATE}
 
 
 @dataclass
@@ -174,7 +158,7 @@ def load_llava_tokenizer(path: str, chat_template: str | None = None) -> PreTrai
             f"{tokenizer.convert_tokens_to_ids(image_token)}"
         )
     if chat_template is not None:
-        tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
+        tokenizer.chat_template = named_chat_template(chat_template)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path!r} has no chat template (chat_template.jinja); set llava.chat_template")
     if tokenizer.pad_token_id is None:

@@ -113,3 +113,13 @@ def load_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch
         setattr(llm_config, key, value)
     llm_config.vocab_size = len(tokenizer)
     return AutoModelForCausalLM.from_config(llm_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+
+
+def stop_token_ids(generation_config, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a reply: all end-of-sequence ids of the checkpoint's ``generation_config`` (Llama-3's
+    ``<|eot_id|>`` beside ``<|end_of_text|>``, Qwen's ``<|im_end|>``), then the tokenizer's EOS if not among them."""
+    configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
@@ -48,22 +48,24 @@ def apply_lora(llm: PreTrainedModel, settings: LoraSettings) -> PeftModel:
 
 
 def merged_llm_tensors(llm: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of the causal LM under its own names, with active LoRA adapters folded in.
+    """Parameters and buffers of the causal LM under its own names, with active LoRA adapters folded in."""
+    return merged_tensors(llm.get_base_model() if isinstance(llm, PeftModel) else llm)
 
-    The model itself is left untouched (peft's ``merge_and_unload`` would modify it in place, and unmerging is not
+
+def merged_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` under the names they have without adapters, active LoRA adapters folded in.
+
+    The module itself is left untouched (peft's ``merge_and_unload`` would modify it in place, and unmerging is not
     exact in low precision): each adapted weight is computed as ``W + scale * B @ A`` in float32 and cast back.
     """
-    if not isinstance(llm, PeftModel):
-        return dict(named_tensors(llm))
-    base = llm.get_base_model()
     deltas: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and not module.merged:
-            adapters = [a for a in module.active_adapters if a in module.lora_A]
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and not layer.merged:
+            adapters = [a for a in layer.active_adapters if a in layer.lora_A]
             if adapters:
-                deltas[f"{name}.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
+                deltas[f"{name}.weight"] = sum(layer.get_delta_weight(a).float() for a in adapters)
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in named_tensors(base):
+    for name, tensor in named_tensors(module):
         if ".lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
@@ -71,6 +73,20 @@ def merged_llm_tensors(llm: PreTrainedModel | PeftModel) -> dict[str, torch.Tens
             tensor = (tensor.float() + deltas[name].to(tensor.device)).to(tensor.dtype)
         tensors[name] = tensor
     return tensors
+
+
+def inject_lora(module: PreTrainedModel, settings: LoraSettings) -> None:
+    """Add fresh adapters inside ``module`` in place (parameter names keep their paths, ``...q_proj.lora_A...``);
+    only the adapters of ``module`` require gradients afterwards."""
+    inject_adapter_in_model(
+        LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=settings.target_modules,
+        ),
+        module,
+    )
 
 
 def named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mllm_safety.model.lora import LoraSettings, apply_lora
 
 
 @dataclass
@@ -53,6 +54,22 @@ class MultimodalLM(nn.Module):
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+
+    @property
+    def generation_config(self):
+        return self.llm.generation_config
+
+    def parameter_parts(self) -> dict[str, str]:
+        """``{parameter name: "vision" | "projector" | "llm"}``."""
+        return {name: name.split(".", 1)[0] for name, _ in self.named_parameters()}
+
+    def part_modules(self) -> dict[str, list[nn.Module]]:
+        """The top module of each part (FSDP units)."""
+        return {"vision": [self.vision], "projector": [self.projector], "llm": [self.llm]}
+
+    def add_lora(self, settings: LoraSettings) -> None:
+        """LoRA adapters on the LLM (never the projector or vision tower)."""
+        self.llm = apply_lora(self.llm, settings)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image positions replaced by projected vision tokens.

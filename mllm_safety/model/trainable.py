@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mllm_safety.model.lora import LoraSettings, apply_lora
+from mllm_safety.model.lora import LoraSettings
 
 FORMAT = "mllm_safety.trainable/1"
 """Recorded in the file's metadata, so a foreign safetensors file is refused with a clear message."""
@@ -37,12 +36,16 @@ Fingerprints = dict[str, dict[str, Any]]
 
 
 def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{part: (trainable, total)}`` for each direct child of ``model`` and ``"all"``; shared tensors count once."""
-    counts: dict[str, tuple[int, int]] = {}
-    for part, module in [*model.named_children(), ("all", model)]:
-        params = list(module.parameters())
-        counts[part] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
-    return counts
+    """``{part: (trainable, total)}`` for each part of ``model`` (vision, projector, llm) and ``"all"``; shared
+    tensors count once."""
+    parts = model.parameter_parts()
+    counts: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        for part in (parts[name], "all"):
+            count = counts.setdefault(part, [0, 0])
+            count[0] += param.numel() if param.requires_grad else 0
+            count[1] += param.numel()
+    return {part: (count[0], count[1]) for part, count in sorted(counts.items(), key=lambda kv: kv[0] == "all")}
 
 
 def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
@@ -213,16 +216,17 @@ def load_trainable(model: nn.Module, path: str | Path, require_every_trainable: 
     """Put the weights of a trainable-weights file back into ``model``; returns the names loaded.
 
     ``model`` is the base model the run started from (same architecture, e.g. ``load_llava_hf`` of the same
-    checkpoint) or the training module's model. When the file holds LoRA adapters and ``model.llm`` has none yet,
-    they are created from the settings recorded in the file. Rebuilt frozen parts must match the fingerprints the
-    file records. ``require_every_trainable``: see :func:`check_weight_names`.
+    checkpoint) or the training module's model. When the file holds LoRA adapters and the model has none yet,
+    they are created (``model.add_lora``) from the settings recorded in the file. Rebuilt frozen parts must match
+    the fingerprints the file records. ``require_every_trainable``: see :func:`check_weight_names`.
     """
     metadata = read_trainable_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         state = {name: f.get_tensor(name) for name in f.keys()}
-    if any(".lora_" in name for name in state) and not isinstance(getattr(model, "llm", None), PeftModel):
+    has_lora = any(".lora_" in name for name, _ in model.named_parameters())
+    if any(".lora_" in name for name in state) and not has_lora:
         if "lora" not in metadata:
             raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
-        model.llm = apply_lora(model.llm, LoraSettings(**json.loads(metadata["lora"])))
+        model.add_lora(LoraSettings(**json.loads(metadata["lora"])))
     check_fingerprints(json.loads(metadata.get("frozen_fingerprints", "{}")), model, path)
     return load_weights(model, state, path, require_every_trainable)

@@ -9,14 +9,16 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder
-from mllm_safety.data.processor import Batch, MultimodalProcessor
+from mllm_safety.data.hub_processor import HubProcessor
+from mllm_safety.data.processor import Batch, MultimodalProcessor, Processor
+from mllm_safety.model.hub_vlm import HubOptions, HubVLM, load_hub_vlm
 from mllm_safety.model.llava_hf import LlavaHFConfig, load_llava_hf, load_llava_tokenizer
-from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer
-from mllm_safety.model.lora import LoraSettings, apply_lora
+from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer, stop_token_ids
+from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.trainable import (
@@ -73,10 +75,11 @@ class TrainableParts:
 
 
 class SafetyAlignModule(L.LightningModule):
-    """Finetunes a LLaVA-style MLLM on (rejection-swapped) instruction data.
+    """Finetunes a multimodal LLM on (rejection-swapped) instruction data.
 
-    The model comes either from a llava-hf checkpoint (``llava``) or is assembled from an LLM, a vision tower and a
-    fresh projector (``llm`` + ``vision`` + ``projector``).
+    The model is a hub VLM running through its own transformers class (``pretrained``: LLaVA-NeXT, Yi-VL,
+    Qwen2.5-VL, Idefics3, ...), a llava-hf checkpoint taken apart into the project's LLaVA model (``llava``), or
+    assembled from an LLM, a vision tower and a fresh projector (``llm`` + ``vision`` + ``projector``).
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class SafetyAlignModule(L.LightningModule):
         vision: VisionConfig | None = None,
         projector: str | None = None,
         llava: LlavaHFConfig | None = None,
+        pretrained: str | None = None,
+        hub: HubOptions = HubOptions(),
         max_length: int = 2048,
         lora: LoraSettings | None = LoraSettings(),
         trainable: TrainableParts = TrainableParts(),
@@ -98,7 +103,11 @@ class SafetyAlignModule(L.LightningModule):
             vision: The vision tower (with ``llm``; leave unset with ``llava``).
             projector: ``linear`` or ``mlpNx_gelu``; default ``mlp2x_gelu`` (LLaVA-1.5). Leave unset with ``llava``.
             llava: A llava-hf checkpoint supplying vision tower, projector, LLM and tokenizer (the paper's models).
-            max_length: Longest tokenized sample, image tokens included; longer ones are truncated.
+            pretrained: A transformers image-text-to-text checkpoint (folder or hub name) trained through its own
+                class and processor: LLaVA-NeXT, Yi-VL, Qwen2.5-VL, Idefics3/SmolVLM, ...
+            hub: How to read ``pretrained`` (chat template, processor options, remote code).
+            max_length: Longest tokenized sample, image tokens included; longer ones are truncated, or skipped and
+                counted when the cut would fall inside the image.
             lora: LoRA adapters on the LLM; ``null`` for none.
             trainable: Which parts learn.
             optim: Optimizer and schedule.
@@ -111,13 +120,18 @@ class SafetyAlignModule(L.LightningModule):
         self.optim = optim
         self.lora_settings = lora
         self.frozen_dtype = frozen_dtype
-        if llava is not None and (llm is not None or vision is not None or projector is not None):
+        for source, name in ((llava, "model.llava"), (pretrained, "model.pretrained")):
+            if source is not None and (llm is not None or vision is not None or projector is not None):
+                raise ValueError(
+                    f"{name} supplies the LLM, vision tower and projector; leave model.llm, model.vision and "
+                    "model.projector unset"
+                )
+        if llava is not None and pretrained is not None:
+            raise ValueError("set one of model.llava and model.pretrained")
+        if llava is None and pretrained is None and (llm is None or vision is None):
             raise ValueError(
-                "model.llava supplies the LLM, vision tower and projector; leave model.llm, model.vision and "
-                "model.projector unset"
+                "set model.pretrained (a hub VLM), model.llava (a llava-hf checkpoint), or model.llm and model.vision"
             )
-        if llava is None and (llm is None or vision is None):
-            raise ValueError("set model.llava (a llava-hf checkpoint), or model.llm and model.vision")
         if lora is not None and trainable.llm:
             raise ValueError("trainable.llm=true trains every LLM weight; it cannot be combined with lora")
         if max_length < 2:
@@ -127,18 +141,27 @@ class SafetyAlignModule(L.LightningModule):
         self.save_hyperparameters()
 
         dtype = getattr(torch, frozen_dtype)
-        if llava is not None:
-            model = load_llava_hf(llava.path, dtype, llava.image_aspect_ratio, llava.load_weights, **llava.extra_kwargs)
-            tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
+        if pretrained is not None:
+            model, hf_processor = load_hub_vlm(pretrained, hub, dtype)
+            encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, image_parts=True)
+            stops = stop_token_ids(model.generation_config, hf_processor.tokenizer)
+            self.processor: Processor = HubProcessor(hf_processor, encoder, stops)
         else:
-            model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
+            if llava is not None:
+                model = load_llava_hf(
+                    llava.path, dtype, llava.image_aspect_ratio, llava.load_weights, **llava.extra_kwargs
+                )
+                tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
+            else:
+                model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
+            self.processor = MultimodalProcessor(
+                ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length),
+                model.vision.image_transform,
+                model.vision.image_size,
+                stop_token_ids(model.generation_config, tokenizer),
+            )
         self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
         self.model.train()  # from_pretrained leaves the LLM in eval mode; evaluation switches modes explicitly
-        self.processor = MultimodalProcessor(
-            ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length),
-            model.vision.image_transform,
-            model.vision.image_size,
-        )
         # Counted before any sharding, so the figures are the model's, not one rank's.
         self.parameter_counts = parameter_counts(self.model)
         self.frozen_fingerprints = fingerprints(self.model, _rebuilt_parts(llm, vision))
@@ -202,12 +225,11 @@ class SafetyAlignModule(L.LightningModule):
         self.log("train/reply_tokens", tokens)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        projector_params = [p for p in self.model.projector.parameters() if p.requires_grad]
-        projector_params += [p for p in self.model.vision.parameters() if p.requires_grad]
-        llm_params = [p for p in self.model.llm.parameters() if p.requires_grad]
+        parts = self.model.parameter_parts()
+        trained = [(parts[name], p) for name, p in self.model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": llm_params, "lr": self.optim.lr},
-            {"params": projector_params, "lr": self.optim.projector_lr},
+            {"params": [p for part, p in trained if part == "llm"], "lr": self.optim.lr},
+            {"params": [p for part, p in trained if part != "llm"], "lr": self.optim.projector_lr},
         ]
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], weight_decay=self.optim.weight_decay, betas=self.optim.betas
@@ -256,17 +278,18 @@ def _rebuilt_parts(llm: LLMConfig | None, vision: VisionConfig | None) -> list[s
 
 
 def _prepare_training(
-    model: MultimodalLM, lora: LoraSettings | None, trainable: TrainableParts, gradient_checkpointing: bool
-) -> MultimodalLM:
+    model: MultimodalLM | HubVLM, lora: LoraSettings | None, trainable: TrainableParts, gradient_checkpointing: bool
+) -> MultimodalLM | HubVLM:
     """Freeze per part, add LoRA adapters, enable checkpointing; trainable weights are float32 for the optimizer."""
     if gradient_checkpointing:
-        model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.requires_grad_(False)
-    model.vision.requires_grad_(trainable.vision)
-    model.projector.requires_grad_(trainable.projector)
-    model.llm.requires_grad_(trainable.llm)
+        for module in model.part_modules()["llm"]:
+            if isinstance(module, PreTrainedModel):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    parts = model.parameter_parts()
+    for name, param in model.named_parameters():
+        param.requires_grad_(getattr(trainable, parts[name]))
     if lora is not None:
-        model.llm = apply_lora(model.llm, lora)
+        model.add_lora(lora)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

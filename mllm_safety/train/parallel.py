@@ -26,6 +26,7 @@ from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from mllm_safety.model.hub_vlm import HubVLM
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.trainable import check_weight_names, trainable_state_dict
 from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, is_sharded_checkpoint, shard_over_every_rank
@@ -120,25 +121,30 @@ StrategyRegistry.register(
 )
 
 
+def block_units(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks inside ``module``: the classes its Hugging Face models mark as never to be split
+    (``_no_split_modules`` of every ``PreTrainedModel`` in it, so a peft wrapper or a VLM's sub-models count)."""
+    classes = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in module.modules() if type(m).__name__ in classes]
+
+
 def decoder_layers(llm: nn.Module) -> list[nn.Module]:
-    """The LLM's transformer blocks: the classes Hugging Face marks as never to be split (``_no_split_modules``)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a peft model wraps the HF model
-    block_classes = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [module for module in base.modules() if type(module).__name__ in block_classes]
+    """The LLM's transformer blocks (see :func:`block_units`); an error when there are none."""
+    layers = block_units(llm)
     if not layers:
-        raise ValueError(
-            f"cannot find the decoder layers of {type(base).__name__}: _no_split_modules={sorted(block_classes)}"
-        )
+        classes = sorted({n for m in llm.modules() for n in (getattr(m, "_no_split_modules", None) or [])})
+        raise ValueError(f"cannot find the decoder layers of {type(llm).__name__}: _no_split_modules={classes}")
     return layers
 
 
 def shard_multimodal_lm(
-    model: MultimodalLM,
+    model: MultimodalLM | HubVLM,
     mesh: DeviceMesh,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
 ) -> None:
-    """Applies FSDP2 to ``model`` in place, bottom-up: decoder layers, vision tower, projector, then the root.
+    """Applies FSDP2 to ``model`` in place, bottom-up: LLM decoder layers and vision blocks, projector, vision tower,
+    then the root. Works on every model family through ``model.part_modules()``.
 
     All computation must enter through the root, so that its hooks gather the embeddings and LM head first:
     ``forward`` does, and ``generate`` is registered as a second forward method (it embeds the prompt and runs the
@@ -150,9 +156,12 @@ def shard_multimodal_lm(
     if isinstance(model, torch.distributed.fsdp.FSDPModule):
         return
     options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    for layer in decoder_layers(model.llm):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(model.vision, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(model.projector, reshard_after_forward=reshard_after_forward, **options)
+    parts = model.part_modules()
+    layers = [layer for module in parts["llm"] for layer in block_units(module)]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}'s language model")
+    vision_blocks = [block for module in parts["vision"] for block in block_units(module)]
+    for unit in [*layers, *vision_blocks, *parts["projector"], *parts["vision"]]:
+        fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     register_fsdp_forward_method(model, "generate")

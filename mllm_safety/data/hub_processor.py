@@ -1,0 +1,124 @@
+"""Conversations -> model inputs for hub VLMs, through the checkpoint's own transformers processor.
+
+The chat template renders the conversation with the image as a content part, so it writes the model's own image
+marker (``<image>``, Qwen's ``<|vision_start|><|image_pad|><|vision_end|>``, ...). The prompt span holding that
+marker goes through the transformers processor with the image, which expands it into as many image tokens as this
+image needs (LLaVA-NeXT's anyres tiles and newlines, Qwen's dynamic resolution, Idefics3's splits) and returns the
+image tensors the model takes; every other span is tokenized on its own, so labels stay exact. Nothing here knows
+a model family: the processor's outputs are passed on by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from mllm_safety.constants import IGNORE_INDEX
+from mllm_safety.data.conversation import ChatEncoder, Conversation, SampleError, truncate
+from mllm_safety.data.processor import Batch, ModelSample, pad_tokens
+
+TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def stack_images(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-sample image tensors along the first dimension, zero-padding every other dimension to the
+    largest: how transformers' image processors batch a variable number of tiles or frames per image (LLaVA-NeXT,
+    Idefics3); rows of patches (Qwen) simply concatenate."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for tensor in tensors:
+        if list(tensor.shape[1:]) != shape:
+            grown = tensor.new_zeros((tensor.shape[0], *shape))
+            grown[(slice(None), *(slice(0, n) for n in tensor.shape[1:]))] = tensor
+            tensor = grown
+        padded.append(tensor)
+    return torch.cat(padded)
+
+
+class HubProcessor:
+    """The :class:`~mllm_safety.data.processor.Processor` of a hub VLM: chat template and labels from
+    :class:`ChatEncoder` (in ``image_parts`` mode), image tokens and tensors from ``hf_processor``."""
+
+    def __init__(self, hf_processor, encoder: ChatEncoder, stop_token_ids: list[int]) -> None:
+        if not encoder.image_parts:
+            raise ValueError("HubProcessor needs a ChatEncoder with image_parts=True")
+        self.hf_processor = hf_processor
+        self.encoder = encoder
+        self.stop_token_ids = stop_token_ids
+        self.image_token = hf_processor.image_token
+        """The marker the template writes for an image and the processor expands."""
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def _expand(self, text: str, image: Image.Image) -> tuple[list[int], dict[str, torch.Tensor], dict]:
+        """Token ids of ``text`` with its image marker expanded, the image tensors, and per-token tensors."""
+        image = image.convert("RGB")
+        out = self.hf_processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        per_token = {
+            name: value[0]
+            for name, value in out.items()
+            if name not in TEXT_KEYS and not value.is_floating_point() and value.shape == (1, len(ids))
+        }
+        images = {name: value for name, value in out.items() if name not in TEXT_KEYS and name not in per_token}
+        return ids, images, per_token
+
+    def _encode(self, sample_id: str, spans: list[tuple[str, bool]], image: Image.Image | None, max_length: int | None):
+        texts = [text for text, _ in spans]
+        holding = [index for index, text in enumerate(texts) if self.image_token in text]
+        if (image is None) != (not holding) or len(holding) > 1:
+            raise SampleError(
+                sample_id,
+                "bad_image",
+                f"the chat template placed {len(holding)} image marker(s) {self.image_token!r} for "
+                f"{int(image is not None)} image",
+            )
+        tokenized = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        input_ids, labels = list(self.encoder.bos), [IGNORE_INDEX] * len(self.encoder.bos)
+        images: dict[str, torch.Tensor] = {}
+        per_token: dict[str, list[int]] = {}
+        keep = 0
+        for index, ((_, learn), ids) in enumerate(zip(spans, tokenized, strict=True)):
+            if holding and index == holding[0]:
+                ids, images, span_tokens = self._expand(texts[index], image)
+                per_token = {name: [0] * len(input_ids) + values.tolist() for name, values in span_tokens.items()}
+                keep = len(input_ids) + len(ids)  # everything up to the end of the image's prompt stays whole
+            input_ids += ids
+            labels += ids if learn else [IGNORE_INDEX] * len(ids)
+            for values in per_token.values():
+                values += [0] * (len(input_ids) - len(values))
+        if max_length is not None:
+            input_ids, labels = truncate(sample_id, input_ids, labels, max_length, keep)
+        return ModelSample(
+            id=sample_id,
+            input_ids=torch.tensor(input_ids),
+            labels=torch.tensor(labels),
+            pixel_values=images.pop("pixel_values", None),
+            image_inputs=images,
+            token_inputs={name: torch.tensor(values[: len(input_ids)]) for name, values in per_token.items()},
+        )
+
+    def stream_sample(self, conversation: Conversation) -> ModelSample:
+        """A training sample (its pixels are model-ready: the transformers processor normalizes them)."""
+        spans = self.encoder.spans(conversation)
+        return self._encode(conversation.id, spans, conversation.image, self.encoder.max_length)
+
+    __call__ = stream_sample
+
+    def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
+        text = self.encoder.prompt_text(question, has_image=image is not None)
+        return self._encode(sample_id, [(text, False)], image, max_length=None)
+
+    def finish_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values
+
+    def collate(self, samples: list[ModelSample], padding_side: str = "right") -> Batch:
+        """Pad token tensors to the longest sample; stack the images of the samples that have one, in batch order."""
+        input_ids, labels, attention_mask, extra = pad_tokens(samples, self.tokenizer.pad_token_id, padding_side)
+        with_image = [s for s in samples if s.pixel_values is not None]
+        pixel_values = stack_images([s.pixel_values for s in with_image]) if with_image else torch.zeros(0)
+        for name in sorted({name for s in with_image for name in s.image_inputs}):
+            extra[name] = stack_images([s.image_inputs[name] for s in with_image])
+        return Batch([s.id for s in samples], input_ids, attention_mask, labels, pixel_values, extra)

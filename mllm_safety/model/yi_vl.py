@@ -1,0 +1,43 @@
+"""Yi-VL in the llava-hf layout, with its LayerNorm projector as LLaMA-Factory loads it.
+
+Yi-VL's converted checkpoints (e.g. ``BUAADreamer/Yi-VL-6B-hf``) are ``LlavaForConditionalGeneration`` folders whose
+``config.json`` sets ``is_yi_vl_derived_model: true`` and whose projector is Linear -> LayerNorm -> GELU -> Linear ->
+LayerNorm (weights ``linear_1`` .. ``linear_4``). LLaMA-Factory (which the paper used for Yi-VL) swaps transformers'
+projector class for ``LlavaMultiModalProjectorForYiVL``; here a subclass does the same without patching transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers.activations import ACT2FN
+
+
+def is_yi_vl(config) -> bool:
+    return bool(getattr(config, "is_yi_vl_derived_model", False))
+
+
+class YiVLProjector(nn.Module):
+    """Linear -> LayerNorm -> activation -> Linear -> LayerNorm, LLaMA-Factory's ``LlavaMultiModalProjectorForYiVL``."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision, text, bias=True)
+        self.linear_2 = nn.LayerNorm(text, bias=True)
+        self.linear_3 = nn.Linear(text, text, bias=True)
+        self.linear_4 = nn.LayerNorm(text, bias=True)
+        self.act = ACT2FN[config.projector_hidden_act]
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.linear_2(self.linear_1(image_features)))
+        return self.linear_4(self.linear_3(hidden))
+
+
+class YiVLForConditionalGeneration(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` with Yi-VL's projector; loads and saves Yi-VL's llava-hf folders."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__(config)
+        self.model.multi_modal_projector = YiVLProjector(config)

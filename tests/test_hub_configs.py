@@ -1,0 +1,113 @@
+"""The hub VLM configs with the paper's recipe, built on the meta device from the published architectures
+(configs/architectures/*.json: the architecture part of each checkpoint's config.json; nothing is downloaded or
+allocated)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from transformers import AutoConfig
+
+from mllm_safety.fit import main
+from mllm_safety.train.module import SafetyAlignModule
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+ARCHITECTURES = CONFIGS / "architectures"
+PUBLISHED = {  # config -> (test family with the same processor, the published checkpoint's architecture)
+    "llava_next_mistral_7b_lora": ("llava_next_mistral", "llava_v1.6_mistral_7b.json"),  # llava-hf/...-hf
+    "llama3_llava_next_8b_lora": ("llama3_llava_next", "llama3_llava_next_8b.json"),  # llava-hf/...-hf
+    # BUAADreamer/Yi-VL-6B-hf: CLIP ViT-H/14-448 + Yi-6B and the LayerNorm projector; its vocabulary is assumed to be
+    # Yi's 64000 tokens + <image>, padded to a multiple of 64 as llava-hf conversions do
+    "yi_vl_6b_lora": ("yi_vl", "yi_vl_6b.json"),
+    "qwen25_vl_7b_lora": ("qwen25_vl", "qwen2.5_vl_7b.json"),  # Qwen/Qwen2.5-VL-7B-Instruct
+}
+
+
+def architecture(name: str) -> dict:
+    return json.loads((ARCHITECTURES / PUBLISHED[name][1]).read_text())
+
+
+COUNTS = {  # (trainable, total) as logged at start and written in the README's model table
+    "llava_next_mistral_7b_lora": (335_544_320, 7_902_291_968),
+    "llama3_llava_next_8b_lora": (335_544_320, 8_690_821_120),
+    "yi_vl_6b_lora": (290_455_552, 7_005_809_152),
+    "qwen25_vl_7b_lora": (322_961_408, 8_615_128_064),
+}
+
+
+def published_folder(name, tmp_path, hub_checkpoint):
+    """The processor files of the family's tiny checkpoint under the published config.json, without weights."""
+    folder = tmp_path / name
+    shutil.copytree(hub_checkpoint(PUBLISHED[name][0]), folder)
+    (folder / "model.safetensors").unlink()
+    spec = architecture(name)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def module_on_meta(name, folder):
+    """Instantiate the ``model`` section of configs/<name>.yaml as the CLI would, on the meta device."""
+    parser = ArgumentParser()
+    parser.add_class_arguments(SafetyAlignModule, "model")
+    section = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
+    section["pretrained"] = folder
+    section["hub"] = (section.get("hub") or {}) | {"load_weights": False}
+    config = parser.parse_object({"model": section})
+    with torch.device("meta"):
+        return parser.instantiate_classes(config).model
+
+
+def lora_count(text: dict, r: int = 128) -> int:
+    """r x (in + out) for q, k, v, o, gate, up and down of every decoder layer."""
+    h, i = text["hidden_size"], text["intermediate_size"]
+    kv = h // text["num_attention_heads"] * text["num_key_value_heads"]
+    per_layer = r * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+    return per_layer * text["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_builds_the_published_architecture_with_the_recipe(name, tmp_path, hub_checkpoint):
+    module = module_on_meta(name, published_folder(name, tmp_path, hub_checkpoint))
+    model = module.model
+    assert all(p.is_meta for p in model.parameters()), "nothing is allocated"
+    text = architecture(name)["text_config"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    parts = model.parameter_parts()
+    assert trainable and all(".lora_" in n and parts[n] == "llm" for n in trainable)
+    lora = [m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A")]
+    assert len(lora) == text["num_hidden_layers"] and lora[0].scaling["default"] == 2.0  # alpha 256 / r 128
+    assert lora[0].lora_A["default"].weight.shape[0] == 128
+    counts = module.parameter_counts
+    assert counts["all"][0] == lora_count(text)
+    assert counts["vision"][0] == counts["projector"][0] == 0
+    assert counts["all"] == COUNTS[name]
+    assert module.processor.encoder.max_length == 2048
+
+
+def test_totals_without_adapters_are_the_published_model_sizes():
+    """The sizes the model cards give: Qwen2.5-VL-7B-Instruct 8.29B, llava-v1.6-mistral-7b-hf 7.57B,
+    llama3-llava-next-8b-hf 8.36B parameters (the architectures above are complete)."""
+    published = {"qwen25_vl_7b_lora": 8.29, "llava_next_mistral_7b_lora": 7.57, "llama3_llava_next_8b_lora": 8.36}
+    for name, billions in published.items():
+        trainable, total = COUNTS[name]
+        assert round((total - trainable) / 1e9, 2) == billions, name
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_parses_with_the_cli_and_has_the_papers_recipe(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    trainer, data, model = resolved["trainer"], resolved["data"], resolved["model"]
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 128
+    assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 3
+    assert model["lora"] == {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": "all-linear"}
+    assert model["optim"]["lr"] == 2e-4 and model["optim"]["warmup_ratio"] == 0.03 and model["max_length"] == 2048
+    assert model["trainable"] == {"vision": False, "projector": False, "llm": False}
+    assert model["pretrained"] and model["llava"] is None and model["llm"] is None

@@ -1,0 +1,89 @@
+"""Evaluation works with every hub family: batched generation on safety and utility sets, the CLI fit with the
+safety callback, and the standalone evaluate from the fit's config and checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hub_models import CHAT_TEMPLATES, FAMILIES
+
+from mllm_safety.evaluate import main as evaluate_main
+from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.evaluation.generation import generate_for_rank
+from mllm_safety.evaluation.judge import KeywordJudge
+from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce, score_utility
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
+from mllm_safety.fit import main as fit_main
+from mllm_safety.model.hub_vlm import HubOptions
+from mllm_safety.model.lora import LoraSettings
+from mllm_safety.train.module import SafetyAlignModule, TrainableParts
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+def exact_match(prompts, replies):
+    return {"accuracy": sum(p.target == r for p, r in zip(prompts, replies)) / len(prompts)}
+
+
+def eval_sets() -> list[EvalSet]:
+    sets = load_benchmark(BenchmarkSpec("demo", modes=["typographic", "benign"]), limit=3)
+    images = [p.image for p in sets[0].prompts]
+    questions = ["Which colour is the text?", "How many lines are there?", "Is it a list?"]
+    utility = [
+        EvalPrompt(str(i), "shapes_qa", None, question, image, question, target="A")
+        for i, (question, image) in enumerate(zip(questions, images))
+    ]
+    return [*sets, EvalSet("shapes_qa", "shapes", False, utility, scorer=exact_match)]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_safety_and_utility_sets_are_generated_judged_and_scored(family, hub_checkpoint):
+    module = SafetyAlignModule(
+        pretrained=hub_checkpoint(family),
+        hub=HubOptions(chat_template=CHAT_TEMPLATES.get(family)),
+        lora=LoraSettings(r=2, alpha=4),
+        trainable=TrainableParts(projector=False),
+    ).eval()
+    sets = eval_sets()
+    prompts = all_prompts(sets)
+    batched = generate_for_rank(module, prompts, 0, 1, batch_size=4, max_new_tokens=4)
+    one_by_one = generate_for_rank(module, prompts, 0, 1, batch_size=1, max_new_tokens=4)
+    assert len(batched) == len(prompts) and all(isinstance(g.reply, str) and g.reply for g in batched)
+    assert sorted((g.index, g.reply) for g in batched) == sorted((g.index, g.reply) for g in one_by_one)
+    result = judge_and_reduce(sets, batched, [KeywordJudge("xstest")])
+    figures = result.metrics["xstest"]
+    assert {"asr/demo_typographic", "over_refusal/demo_benign"} <= set(figures)
+    assert "over_refusal/shapes_qa" not in figures
+    assert set(score_utility(sets, batched)) == {"shapes_qa"}
+
+
+def test_fit_with_the_safety_callback_then_evaluate_from_config_and_checkpoint(hub_checkpoint, tmp_path):
+    model = ["--model.llm", "null", "--model.vision", "null", "--model.projector", "null"]
+    model += ["--model.pretrained", hub_checkpoint("qwen25_vl"), "--model.trainable.projector", "false"]
+    fit = fit_main(
+        [
+            "--config",
+            CONFIG,
+            *model,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    callback = next(c for c in fit.trainer.callbacks if isinstance(c, SafetyEvalCallback))
+    assert callback.history[0][0] == "before" and "safety/asr/mean" in callback.history[-1][1]
+    log_dir = Path(fit.trainer.logger.log_dir)
+    checkpoint = next(log_dir.glob("checkpoints/*.ckpt"))
+    assert any(log_dir.rglob("trainable.safetensors")), "the trainable-weights file is written as for LLaVA"
+    out = tmp_path / "report"
+    args = ["--config", CONFIG, *model, "--ckpt_path", str(checkpoint), "--output", str(out)]
+    figures = evaluate_main([*args, "--eval.limit", "2", "--eval.max_new_tokens", "3"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["pretrained"] == hub_checkpoint("qwen25_vl")
+    assert "asr/demo_typographic" in figures["xstest"]
+    replies = [json.loads(line)["reply"] for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert replies and all(isinstance(reply, str) for reply in replies)

@@ -1,0 +1,58 @@
+"""Export of a hub VLM run: LoRA folded in, a folder transformers loads, the same logits as the trained model."""
+
+import pytest
+import torch
+from hub_models import CHAT_TEMPLATES, FAMILIES
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mllm_safety.export import export
+from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm
+from mllm_safety.model.lora import LoraSettings
+from mllm_safety.model.trainable import load_trainable
+from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
+from mllm_safety.train.module import SafetyAlignModule, TrainableParts
+
+
+def trained_module(path, family):
+    torch.manual_seed(0)
+    module = SafetyAlignModule(
+        pretrained=path,
+        hub=HubOptions(chat_template=CHAT_TEMPLATES.get(family)),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        trainable=TrainableParts(projector=True),
+    )
+    with torch.no_grad():  # stand-in for training: adapters and projector that change the model
+        for param in module.model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    return module.eval()
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_folds_lora_in_and_transformers_loads_the_same_model(family, hub_checkpoint, tmp_path):
+    path = hub_checkpoint(family)
+    module = trained_module(path, family)
+    module.save_trainable(tmp_path / "trainable.safetensors")
+    export(base=path, out=str(tmp_path / "out"), trainable=str(tmp_path / "trainable.safetensors"))
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert processor.chat_template == module.processor.tokenizer.chat_template, "the training template goes along"
+    loader = YiVLForConditionalGeneration if family == "yi_vl" else AutoModelForImageTextToText
+    exported, info = loader.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    image = Image.new("RGB", (70, 40), "red")
+    batch = module.processor.collate([module.processor.prompt("a", "Describe it.", image)])
+    inputs = batch.generation_inputs()
+    torch.testing.assert_close(logits(exported.eval(), inputs), logits(module.model, inputs), atol=1e-4, rtol=0)
+    base = load_hub_vlm(path, HubOptions(chat_template=CHAT_TEMPLATES.get(family)))[0].eval()
+    assert (logits(base, inputs) - logits(module.model, inputs)).abs().max() > 1e-3, "training changed the model"
+    # the trainable-weights file alone puts the run back on the base checkpoint
+    load_trainable(base, tmp_path / "trainable.safetensors")
+    torch.testing.assert_close(logits(base.eval(), inputs), logits(module.model, inputs), atol=1e-5, rtol=0)
