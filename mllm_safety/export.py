@@ -64,7 +64,7 @@ def export(
         options = HubOptions(chat_template, dict(processor_kwargs or {}), trust_remote_code)
         model, processor = load_hub_vlm(base, options, torch_dtype)
         if trainable is not None:
-            load_trainable(model, trainable)
+            load_trainable(model, trainable, require_every_trainable=False)  # a bare base model, not set up to train
         save_hub_vlm(model, processor, out)
         return
     model = load_llava_hf(base, dtype=torch_dtype, image_aspect_ratio=image_aspect_ratio)

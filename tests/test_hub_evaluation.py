@@ -76,9 +76,8 @@ def test_fit_with_the_safety_callback_then_evaluate_from_config_and_checkpoint(h
     )
     callback = next(c for c in fit.trainer.callbacks if isinstance(c, SafetyEvalCallback))
     assert callback.history[0][0] == "before" and "safety/asr/mean" in callback.history[-1][1]
-    log_dir = Path(fit.trainer.logger.log_dir)
-    checkpoint = next(log_dir.glob("checkpoints/*.ckpt"))
-    assert any(log_dir.rglob("trainable.safetensors")), "the trainable-weights file is written as for LLaVA"
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))  # the run's own folder under default_root_dir
+    assert (tmp_path / "checkpoints" / "trainable.safetensors").is_file(), "written as for LLaVA"
     out = tmp_path / "report"
     args = ["--config", CONFIG, *model, "--ckpt_path", str(checkpoint), "--output", str(out)]
     figures = evaluate_main([*args, "--eval.limit", "2", "--eval.max_new_tokens", "3"])

@@ -15,6 +15,7 @@ from tiny_models import TINY_LLM
 
 from mllm_safety.evaluate import build, build_parser
 from mllm_safety.evaluate import main as evaluate_main
+from mllm_safety.model.hub_vlm import HubOptions
 from mllm_safety.model.llm import LLMConfig
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.checkpoints import load_checkpoint_weights
@@ -32,7 +33,7 @@ MODEL_SECTION = {
 }
 """The model distributed_fit.py trains, as the ``model`` section of a fit config."""
 # distributed_fit.py builds the module in Python: the hyperparameters in its checkpoints are these dataclasses.
-torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts])
+torch.serialization.add_safe_globals([LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts, HubOptions])
 
 
 def run_script(out: Path, *args: str) -> dict:
