@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from mllm_safety.constants import cache_dir  # noqa: E402
 from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
-from mllm_safety.evaluation.callback import SafetyEvalCallback  # noqa: E402
+from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from mllm_safety.evaluation.registry import BenchmarkSpec
 from mllm_safety.model.llm import LLMConfig  # noqa: E402
 from mllm_safety.model.vision import VisionConfig  # noqa: E402
@@ -99,7 +100,9 @@ def main() -> None:
     record = RecordLoss()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
     evaluation = SafetyEvalCallback(
-        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])], max_new_tokens=4, batch_size=1, limit=3
+        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])],
+        generation=GenerationSettings(max_new_tokens=4, batch_size=1),
+        limit=3,
     )
     trainer = L.Trainer(
         accelerator="cpu",
