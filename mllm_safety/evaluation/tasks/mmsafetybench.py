@@ -32,15 +32,20 @@ _MMSB_MODES = {"sd_typo": "SD_TYPO", "typo": "TYPO", "sd": "SD"}
 
 
 def load_mmsafetybench(
-    path: str, images: str | None, modes: tuple[str, ...], text_question: str = "Question"
+    path: str,
+    images: str | None,
+    modes: tuple[str, ...],
+    text_question: str = "Question",
+    scenarios: int | None = None,
 ) -> list[EvalSet]:
     """MM-SafetyBench: ``processed_questions/<scenario>.json`` ({id: {"Question", "Key Phrase", "Rephrased
     Question", "Rephrased Question(SD)", ...}}) and ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``.
 
     SD+TYPO and TYPO ask "Rephrased Question" (which points at the phrase at the bottom of the image), SD asks
-    "Rephrased Question(SD)", text-only asks the original "Question". Missing TYPO images are rendered from the key
-    phrase, missing SD_TYPO ones by captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO
-    without them are an error.
+    "Rephrased Question(SD)", text-only asks ``text_question`` (default the original "Question"; the paper's
+    protocol: "Changed Question"). Missing TYPO images are rendered from the key phrase, missing SD_TYPO ones by
+    captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO without them are an error.
+    ``scenarios``: how many scenario files there must be (the paper's protocol pools all 13).
     """
     root = existing(path, "MM-SafetyBench data folder", folder=True)
     questions = existing(root / "processed_questions", "MM-SafetyBench questions folder", folder=True)
@@ -50,6 +55,8 @@ def load_mmsafetybench(
     files = sorted(questions.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"MM-SafetyBench: no <scenario>.json in {questions}")
+    if scenarios is not None and len(files) != scenarios:
+        raise ValueError(f"{questions}: {len(files)} scenario file(s); this protocol pools all {scenarios} scenarios")
     prompts: dict[str, list[EvalPrompt]] = {mode: [] for mode in modes}
     rendered: set[str] = set()
     for file in files:
@@ -115,7 +122,7 @@ PAPER = Protocol(
     judge="paper",
     modes=("sd_typo", "sd", "typo", "text"),
     generation={"max_new_tokens": 512, "do_sample": False},
-    load_options={"text_question": "Changed Question"},
+    load_options={"text_question": "Changed Question", "scenarios": 13},
 )
 
 TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench, protocols={"paper": PAPER})
