@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
-from mllm_safety.evaluation.generation import generate_for_rank
+from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.sets import all_prompts
 from mllm_safety.model.llm import LLMConfig
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import LoraSettings, SafetyAlignModule
@@ -23,7 +25,7 @@ from mllm_safety.train.module import LoraSettings, SafetyAlignModule
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=32, help="Prompts, half typographic and half text.")
+    parser.add_argument("--prompts", type=int, default=32, help="Prompts, half typographic and half text (even).")
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per batch in the batched run.")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Tokens generated per reply at most.")
     parser.add_argument("--llm", default="smollm2-135m-instruct", help="LLM name or folder.")
@@ -35,21 +37,24 @@ def main() -> None:
         llm=LLMConfig(name=args.llm), vision=VisionConfig(name=args.vision), lora=LoraSettings(r=16, alpha=32)
     ).eval()
     half = args.prompts // 2
-    sets = {s.name: s for s in load_benchmark(BenchmarkSpec("demo", modes=["typographic", "text"]))}
-    prompts = sets["demo_typographic"].prompts[:half] + sets["demo_text"].prompts[: args.prompts - half]
+    typographic, text = load_benchmark(BenchmarkSpec("demo", modes=["typographic", "text"]))
+    sets = [replace(typographic, prompts=typographic.prompts[:half]), replace(text, prompts=text.prompts[:half])]
+    prompts = all_prompts(sets)
 
     def run(batch_size: int) -> tuple[float, dict[int, str]]:
         start = time.perf_counter()
-        generations = generate_for_rank(module, prompts, 0, 1, batch_size, args.max_new_tokens)
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+        generations = generate_for_rank(module, sets, 0, 1, settings)
         return time.perf_counter() - start, {g.index: g.reply for g in generations}
 
-    generate_for_rank(module, prompts[:2], 0, 1, 2, 4)  # warm-up: first-call costs stay out of both timings
+    warm_up = [replace(typographic, prompts=typographic.prompts[:2])]  # first-call costs stay out of both timings
+    generate_for_rank(module, warm_up, 0, 1, GenerationSettings(max_new_tokens=4, batch_size=2))
     batched_s, batched = run(args.batch_size)
     single_s, single = run(1)
     differ = [i for i in single if single[i] != batched[i]]
     words = sum(len(reply.split()) for reply in single.values())
     print(f"model: {args.llm} + {args.vision}, {torch.get_num_threads()} threads, max_new_tokens {args.max_new_tokens}")
-    print(f"prompts: {len(prompts)} ({half} typographic, {len(prompts) - half} text); {words} words generated")
+    print(f"prompts: {len(prompts)} ({half} typographic, {half} text); {words} words generated")
     print(f"one at a time:      {single_s:7.1f} s  ({single_s / len(prompts):.2f} s per prompt)")
     print(f"batches of {args.batch_size:<3}:     {batched_s:7.1f} s  ({batched_s / len(prompts):.2f} s per prompt)")
     print(f"speedup:            {single_s / batched_s:7.2f}x")

@@ -1,10 +1,11 @@
 """``python -m mllm_safety.sweep --config CONFIG --ratios 0 0.05 0.1 0.2 0.4 --seeds 0 1 2``: the paper's key curve.
 
 Runs ``mllm_safety.fit`` once per (rejection ratio, seed), one after the other, without a W&B server; collects each
-run's final safety metrics into ``results.csv`` and plots attack success and over-refusal against the ratio (mean over
-seeds, with the range of the seeds as a band) into ``rejection_ratio.png``. Arguments it does not know go to every fit
-(``--trainer.max_epochs 2``). A run whose metrics already exist is not run again, so an interrupted sweep continues.
-The seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
+run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over
+seeds, with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and
+over-refusal per benign set on the left, the utility sets' accuracy on the right. Arguments it does not know go to
+every fit (``--trainer.max_epochs 2``). A run whose metrics already exist is not run again, so an interrupted sweep
+continues. The seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
 (``configs/sweeps/rejection_ratio.yaml``). Which samples are swapped (``data.rejection.seed``) stays fixed, so that a
 smaller ratio's swapped set is part of a larger one's.
 """
@@ -96,33 +97,48 @@ def summarize(rows: list[dict[str, float]], metric: str) -> list[tuple[float, fl
     return [(r, statistics.fmean(v), min(v), max(v)) for r, v in sorted(by_ratio.items())]
 
 
-def plot(rows: list[dict[str, float]], path: Path, asr_metric: str, over_refusal_metric: str, title: str) -> None:
-    """ASR and over-refusal (in %) against the ratio: mean line, seed range band, one dot per run."""
+def figure_names(rows: list[dict[str, float]], prefix: str, suffix: str = "") -> list[str]:
+    """The headline figures ``<prefix><set><suffix>`` present in the rows (``safety/asr/`` ..., means included,
+    no per-category figures), in first-seen order."""
+    names = dict.fromkeys(
+        key for row in rows for key in row if key.startswith(prefix) and key.endswith(suffix) and key.count("/") == 2
+    )
+    return list(names)
+
+
+def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    """The trade-off against the ratio (in %): ASR of each harmful set and over-refusal of each benign set, and the
+    accuracy of each utility set; mean line, seed range band, one dot per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
-    for metric, label, color in [
-        (asr_metric, "attack success (harmful prompts answered)", "tab:red"),
-        (over_refusal_metric, "over-refusal (benign prompts refused)", "tab:blue"),
-    ]:
-        summary = summarize(rows, metric)
-        if not summary:
-            continue
-        ratios, means, lows, highs = (list(column) for column in zip(*summary))
-        ax.plot(ratios, [100 * m for m in means], marker="o", color=color, label=label)
-        ax.fill_between(ratios, [100 * v for v in lows], [100 * v for v in highs], color=color, alpha=0.15)
-        points = [(row["ratio"], 100 * row[metric]) for row in rows if metric in row]
-        ax.scatter(*zip(*points), color=color, s=10, alpha=0.6)
+    panels = [
+        ("safety", figure_names(rows, "safety/asr/") + figure_names(rows, "safety/over_refusal/")),
+        ("utility (accuracy)", figure_names(rows, "utility/", "/accuracy")),
+    ]
+    panels = [(name, metrics) for name, metrics in panels if metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=150, squeeze=False)
+    for ax, (panel, metrics) in zip(axes[0], panels):
+        for number, metric in enumerate(metrics):
+            summary = summarize(rows, metric)
+            ratios, means, lows, highs = (list(column) for column in zip(*summary))
+            color = f"C{number % 10}"
+            style = "--" if "/over_refusal/" in metric else "-"
+            label = metric.split("/", 1)[1]
+            ax.plot(ratios, [100 * m for m in means], style, marker="o", color=color, label=label)
+            ax.fill_between(ratios, [100 * v for v in lows], [100 * v for v in highs], color=color, alpha=0.12)
+            points = [(row["ratio"], 100 * row[metric]) for row in rows if metric in row]
+            ax.scatter(*zip(*points), color=color, s=10, alpha=0.6)
+        ax.set_xlabel("rejection ratio r (share of replies swapped for a refusal)")
+        ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     seeds = len({row["seed"] for row in rows})
-    ax.set_xlabel("rejection ratio r (share of replies swapped for a refusal)")
-    ax.set_ylabel("%")
-    ax.set_ylim(-3, 103)
-    ax.set_title(f"{title} ({seeds} seed{'s' if seeds != 1 else ''}: mean, range)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"{title} ({seeds} seed{'s' if seeds != 1 else ''}: mean, range)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -136,11 +152,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ratios", type=float, nargs="+", required=True, help="Rejection ratios, each in [0, 1].")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of each ratio (default: 0).")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="Folder of the runs, CSV and plot.")
-    parser.add_argument("--asr_metric", default=ASR_METRIC, help=f"Logged ASR scalar (default: {ASR_METRIC}).")
     parser.add_argument(
-        "--over_refusal_metric",
-        default=OVER_REFUSAL_METRIC,
-        help=f"Logged over-refusal (default: {OVER_REFUSAL_METRIC}).",
+        "--asr_metric", default=ASR_METRIC, help=f"Logged ASR scalar printed per run (default: {ASR_METRIC})."
     )
     args, fit_args = parser.parse_known_args(argv)
     if bad := [r for r in args.ratios if not 0.0 <= r <= 1.0]:
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             print(f"[sweep] {name}: {args.asr_metric}={metrics.get(args.asr_metric, float('nan')):.3f}", flush=True)
     if rows:
         write_csv(rows, args.out / "results.csv")
-        plot(rows, args.out / "rejection_ratio.png", args.asr_metric, args.over_refusal_metric, Path(args.config).stem)
+        plot(rows, args.out / "rejection_ratio.png", Path(args.config).stem)
         print(f"[sweep] wrote {args.out / 'results.csv'} and {args.out / 'rejection_ratio.png'}")
     if failures:
         raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))

@@ -25,6 +25,7 @@ from mllm_safety.constants import cache_dir  # noqa: E402
 from mllm_safety.data.shards import iter_conversations  # noqa: E402
 from mllm_safety.data.synthetic import ensure_demo_shards  # noqa: E402
 from mllm_safety.evaluation.callback import SafetyEvalCallback  # noqa: E402
+from mllm_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from mllm_safety.evaluation.registry import BenchmarkSpec  # noqa: E402
 from mllm_safety.model.hub_vlm import HubOptions  # noqa: E402
 from mllm_safety.model.llm import LLMConfig  # noqa: E402
@@ -126,7 +127,9 @@ def main() -> None:
     record = RecordSteps()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
     evaluation = SafetyEvalCallback(
-        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])], max_new_tokens=4, batch_size=1, limit=3
+        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])],
+        generation=GenerationSettings(max_new_tokens=4, batch_size=1),
+        limit=3,
     )
     trainer = L.Trainer(
         accelerator="cpu",

@@ -209,21 +209,21 @@ def save_guard(folder, first_word: str):
     return str(folder)
 
 
-def evaluate_shard(rank: int, world: int, init_file: str, out_file: str, specs: list[dict], batch_size: int) -> None:
-    """One rank of a sharded evaluation over gloo (for ``torch.multiprocessing.spawn``); rank 0 writes the
-    figures, verdict codes and replies it ends up with to ``out_file``."""
+def evaluate_shard(rank: int, world: int, init_file: str, out_file: str, specs: list[dict], settings: dict) -> None:
+    """One rank of a sharded evaluation over gloo (for ``torch.multiprocessing.spawn``) with generation ``settings``;
+    rank 0 writes the figures, verdict codes and replies it ends up with to ``out_file``."""
     import torch.distributed as dist
 
-    from mllm_safety.evaluation.generation import gather_generations, generate_for_rank
+    from mllm_safety.evaluation.generation import GenerationSettings, gather_generations, generate_for_rank
     from mllm_safety.evaluation.judge import KeywordJudge
-    from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+    from mllm_safety.evaluation.metrics import judge_and_reduce
     from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sets = [s for spec in specs for s in load_benchmark(BenchmarkSpec(**spec))]
-        generations = generate_for_rank(tiny_module(), all_prompts(sets), rank, world, batch_size, 4)
+        generations = generate_for_rank(tiny_module(), sets, rank, world, GenerationSettings(**settings))
         result = judge_and_reduce(sets, generations, [KeywordJudge("xstest"), KeywordJudge("gcg")])
         everything = gather_generations(generations)
         if rank == 0:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
 
-from mllm_safety.evaluate import build, build_parser, callback_benchmarks, main
+from mllm_safety.evaluate import build, build_parser, callback_benchmarks, callback_generation, main
+from mllm_safety.evaluation.generation import GenerationSettings
 from mllm_safety.fit import main as fit_main
 from mllm_safety.train.checkpoints import load_checkpoint_weights
 
@@ -34,7 +35,7 @@ def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_p
     guard = save_guard(tmp_path / "guard", "unsafe")
     out = tmp_path / "report"
     args = ["--config", CONFIG, "--output", str(out), "--eval.benchmarks", benchmarks_arg(tmp_path)]
-    args += ["--eval.judges", "[xstest, gcg]", "--eval.classifier.path", guard, "--eval.max_new_tokens", "3"]
+    args += ["--eval.judges", "[xstest, gcg]", "--eval.classifier.path", guard, "--eval.generation.max_new_tokens", "3"]
     figures = main(args)
 
     report = json.loads((out / "report.json").read_text())
@@ -43,11 +44,15 @@ def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_p
     classifier = report["judges"]["classifier"]["figures"]
     assert classifier["asr/figstep_image"] == 1.0 and classifier["asr/xstest_unsafe"] == 1.0, "the stub says unsafe"
     assert "over_refusal/xstest_safe" not in classifier and "over_refusal/xstest_safe" in figures["xstest"]
-    assert "refusal_gap/xstest" in figures["xstest"] and "asr/figstep_image/advice" in figures["xstest"]
+    assert "refusal_gap/xstest_safe" in figures["xstest"] and "asr/figstep_image/advice" in figures["xstest"]
     assert report["judges"]["xstest"]["figures"] == figures["xstest"]
-    assert report["sets"]["figstep_image"] | {"source": ""} == {
+    assert report["sets"]["figstep_image"]["generation"] == report["generation"]
+    assert report["sets"]["figstep_image"] | {"source": "", "generation": None} == {
         "benchmark": "figstep",
         "harmful": True,
+        "utility": False,
+        "protocol": None,
+        "generation": None,
         "contrast": None,
         "source": "",
         "prompts": 4,
@@ -59,7 +64,7 @@ def test_report_generations_and_summary_with_keyword_and_classifier_judges(tmp_p
     assert report["sets"]["xstest_safe"]["contrast"] == "xstest_unsafe"
     assert [s["id"] for s in report["skipped"]] == ["ForbidQI_5_1"]
     assert "query_ForbidQI_5_1_6.png" in report["skipped"][0]["error"]
-    assert report["model"]["llm"]["name"] == "smollm2-135m-instruct" and report["settings"]["max_new_tokens"] == 3
+    assert report["model"]["llm"]["name"] == "smollm2-135m-instruct" and report["generation"]["max_new_tokens"] == 3
 
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 4 + 3
@@ -145,6 +150,9 @@ def test_benchmarks_default_to_those_of_the_fit_configs_callback():
     specs = callback_benchmarks(trainer)
     assert [(s.name, s.path, s.modes) for s in specs] == [("xstest", "/data/xstest.csv", ["safe"])]
     assert callback_benchmarks({"callbacks": []}) is None and callback_benchmarks(None) is None
+    assert callback_generation(trainer) is None
+    trainer["callbacks"][1]["init_args"]["generation"] = {"max_new_tokens": 24, "batch_size": 18}
+    assert callback_generation(trainer) == GenerationSettings(max_new_tokens=24, batch_size=18)
 
 
 def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
@@ -162,7 +170,7 @@ def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
         "--ckpt_path",
         str(ckpt),
     ]
-    common += ["--eval.max_new_tokens", "3", "--runtime.accelerator", "cpu"]
+    common += ["--eval.generation.max_new_tokens", "3", "--runtime.accelerator", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     reports = {}
     for devices in (1, 2):
@@ -182,3 +190,52 @@ def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
     assert reports[2]["settings"].pop("world_size") == 2
     assert reports[1]["settings"].pop("world_size") == 1
     assert reports[2] == reports[1]
+
+
+def test_the_fit_configs_generation_settings_are_the_default(tmp_path):
+    """configs/tiny.yaml's callback generates 4 tokens in batches of 8: a standalone evaluation does the same."""
+    out = tmp_path / "report"
+    main(["--config", CONFIG, "--output", str(out), "--eval.benchmarks", "[{name: demo, modes: [text], limit: 2}]"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["generation"] == {**GenerationSettings().as_dict(), "max_new_tokens": 4, "batch_size": 8}
+
+
+def test_rescore_recomputes_the_report_from_the_saved_replies_with_other_judges(tmp_path):
+    out = tmp_path / "report"
+    figstep = json.loads(benchmarks_arg(tmp_path))[:1]
+    benchmarks = json.dumps([{**figstep[0], "protocol": "paper"}, {"name": "demo", "limit": 3}])
+    args = ["--config", CONFIG, "--output", str(out), "--eval.benchmarks", benchmarks, "--eval.judges", "[xstest]"]
+    first = main(args)
+    original = json.loads((out / "report.json").read_text())
+    assert set(first) == {"xstest", "paper", "utility"}, "a protocol's judge joins the configured ones"
+    assert original["sets"]["figstep_image"]["protocol"]["judge"] == "paper"
+    assert original["sets"]["figstep_image"]["generation"]["max_new_tokens"] == 512
+    assert original["sets"]["demo_text"]["generation"]["max_new_tokens"] == 4
+
+    again = main(["--rescore", str(out), "--eval.judges", "[xstest]"])
+    rescored = json.loads((out / "report.json").read_text())
+    assert again == first and rescored.pop("rescored") is True
+    assert rescored == original, "same replies, same judges: the same report"
+
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    other = main(["--rescore", str(out), "--eval.judges", "[vlguard, gcg]"])
+    assert set(other) == {"vlguard", "gcg", "paper", "utility"} and other["utility"] == first["utility"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == original["model"] and report["generation"] == original["generation"]
+    assert "Rescored from `generations.jsonl`" in (out / "summary.md").read_text()
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["reply"] for r in records] == [json.loads(line)["reply"] for line in lines], "replies untouched"
+    assert set(records[0]["verdicts"]) == {"vlguard", "gcg", "paper"}
+
+
+def test_rescore_names_a_missing_file_and_sets_the_config_does_not_know(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"generations.jsonl does not exist"):
+        main(["--rescore", str(tmp_path), "--eval.benchmarks", "[{name: demo}]"])
+    out = tmp_path / "report"
+    main(["--config", CONFIG, "--output", str(out), "--eval.benchmarks", "[{name: demo, modes: [text], limit: 2}]"])
+    with pytest.raises(ValueError, match=r"sets demo_text are not among the configured benchmarks' sets"):
+        main(["--rescore", str(out), "--eval.benchmarks", "[{name: demo, modes: [benign], limit: 2}]"])
+    with pytest.raises(ValueError, match=r"line 2: set demo_text has no prompt 'physical_harm-01'"):
+        main(["--rescore", str(out), "--eval.benchmarks", "[{name: demo, modes: [text], limit: 3}]"])
+    with pytest.raises(ValueError, match=r"no replies for \(some\) prompts of set\(s\) demo_text"):
+        main(["--rescore", str(out), "--eval.benchmarks", "[{name: demo, modes: [text]}]"])

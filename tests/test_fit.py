@@ -39,14 +39,17 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
         "safety/asr/demo_text",
         "safety/asr/mean",
         "safety/over_refusal/demo_benign",
+        "safety/over_refusal/demo_typographic_benign",
         "safety/over_refusal/mean",
-        "safety/refusal_gap/demo",
+        "safety/refusal_gap/demo_benign",
+        "safety/refusal_gap/demo_typographic_benign",
+        "utility/demo_shapes/accuracy",
     }
     assert headline == expected
     assert {name.rsplit("/", 1)[0] for name in callback.history[-1][1]} >= {"safety/asr/demo_text"}, "per category"
     for _, metrics in callback.history:
         assert all(-1.0 <= value <= 1.0 for value in metrics.values())
-        assert metrics["safety/refusal_gap/demo"] == pytest.approx(
+        assert metrics["safety/refusal_gap/demo_benign"] == pytest.approx(
             (1 - metrics["safety/asr/demo_text"]) - metrics["safety/over_refusal/demo_benign"]
         )
 

@@ -6,10 +6,13 @@ import torch.multiprocessing as mp
 from safety_fixtures import evaluate_shard, tiny_module, write_figstep
 
 from mllm_safety.evaluation import generation
-from mllm_safety.evaluation.generation import generate_for_rank, rank_slice
+from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank, rank_slice
 from mllm_safety.evaluation.judge import KeywordJudge
-from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce
+from mllm_safety.evaluation.metrics import judge_and_reduce
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.sets import all_prompts
+
+SAMPLED = {"max_new_tokens": 6, "batch_size": 4, "do_sample": True, "temperature": 0.9, "top_p": 0.95, "seed": 7}
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +27,16 @@ def specs(tmp_path):
     (images / "query_ForbidQI_5_1_6.png").write_bytes(b"truncated")
     return [
         {"name": "figstep", "path": str(csv_path), "images": str(images)},
-        {"name": "demo", "limit": 4},
+        {"name": "demo", "limit": 4, "modes": ["typographic", "text", "benign"]},
     ]
 
 
 def load_sets(specs):
     return [s for spec in specs for s in load_benchmark(BenchmarkSpec(**spec))]
+
+
+def replies(generations):
+    return sorted((g.index, g.reply) for g in generations)
 
 
 def test_every_rank_gets_the_same_number_of_slots_and_every_prompt_once(specs):
@@ -46,47 +53,85 @@ def test_every_rank_gets_the_same_number_of_slots_and_every_prompt_once(specs):
 
 
 def test_ranks_run_the_same_generate_calls_and_a_broken_image_is_skipped(module, specs, monkeypatch):
-    prompts = all_prompts(load_sets(specs))
+    sets = load_sets(specs)
     calls: dict[int, list[int]] = {}
     real_generate = generation.generate_replies
     rank = 0
 
-    def counting(module, samples, max_new_tokens):
+    def counting(module, samples, settings, keys):
         calls.setdefault(rank, []).append(len(samples))
-        return real_generate(module, samples, max_new_tokens)
+        return real_generate(module, samples, settings, keys)
 
     monkeypatch.setattr(generation, "generate_replies", counting)
     results = []
     for rank in range(3):
-        results += generate_for_rank(module, prompts, rank, 3, batch_size=4, max_new_tokens=3)
+        results += generate_for_rank(module, sets, rank, 3, GenerationSettings(max_new_tokens=3, batch_size=4))
     assert calls[0] == calls[1] == calls[2] == [4, 3], "same number and size of batches on every rank"
-    assert sorted(g.index for g in results) == list(range(len(prompts)))
+    assert sorted(g.index for g in results) == list(range(20))
     skipped = [g for g in results if g.reply is None]
     assert [g.prompt.id for g in skipped] == ["ForbidQI_5_1"]
     assert "query_ForbidQI_5_1_6.png: cannot open image" in skipped[0].error
     assert all(isinstance(g.reply, str) for g in results if g.error is None)
 
 
-def test_two_process_sharded_evaluation_equals_one_process(module, specs, tmp_path):
+@pytest.mark.parametrize("settings", [{"max_new_tokens": 4, "batch_size": 4}, SAMPLED], ids=["greedy", "sampled"])
+def test_two_process_sharded_evaluation_equals_one_process(module, specs, tmp_path, settings):
     sets = load_sets(specs)
-    single_generations = generate_for_rank(module, all_prompts(sets), 0, 1, batch_size=4, max_new_tokens=4)
+    single_generations = generate_for_rank(module, sets, 0, 1, GenerationSettings(**settings))
     single = judge_and_reduce(sets, single_generations, [KeywordJudge("xstest"), KeywordJudge("gcg")])
 
     out = tmp_path / "sharded.json"
-    mp.spawn(evaluate_shard, args=(2, str(tmp_path / "init"), str(out), specs, 4), nprocs=2, join=True)
+    mp.spawn(evaluate_shard, args=(2, str(tmp_path / "init"), str(out), specs, settings), nprocs=2, join=True)
     sharded = json.loads(out.read_text())
-    replies = sorted((g.index, g.reply, g.error) for g in single_generations)
-    assert [tuple(r) for r in sharded["replies"]] == replies
+    expected = sorted((g.index, g.reply, g.error) for g in single_generations)
+    assert [tuple(r) for r in sharded["replies"]] == expected
     assert sharded["codes"] == single.codes
     assert sharded["metrics"] == single.metrics
     assert single.counts["figstep_image"]["skipped"] == 1
-    assert len({reply for _, reply, _ in replies}) > 5, "replies differ, so the comparison means something"
+    assert len({reply for _, reply, _ in expected}) > 5, "replies differ, so the comparison means something"
 
 
 def test_generation_is_greedy_and_batch_independent(module, specs):
-    sets = load_sets(specs)
-    prompts = [p for p in all_prompts(sets) if p.set_name in ("demo_text", "demo_typographic")]
-    batched = generate_for_rank(module, prompts, 0, 1, batch_size=16, max_new_tokens=5)
-    alone = generate_for_rank(module, prompts, 0, 1, batch_size=1, max_new_tokens=5)
-    assert sorted((g.index, g.reply) for g in batched) == sorted((g.index, g.reply) for g in alone)
+    sets = [s for s in load_sets(specs) if s.name in ("demo_text", "demo_typographic")]
+    batched = generate_for_rank(module, sets, 0, 1, GenerationSettings(max_new_tokens=5, batch_size=16))
+    alone = generate_for_rank(module, sets, 0, 1, GenerationSettings(max_new_tokens=5, batch_size=1))
+    assert replies(batched) == replies(alone)
     assert len({g.reply for g in batched}) > 1, "the test needs replies that differ"
+
+
+def test_sampled_replies_depend_on_prompt_and_seed_not_on_the_batch(module, specs):
+    sets = [s for s in load_sets(specs) if s.name.startswith("demo")]
+    settings = GenerationSettings(**{**SAMPLED, "batch_size": 1})
+    alone = generate_for_rank(module, sets, 0, 1, settings)
+    batched = generate_for_rank(module, sets, 0, 1, GenerationSettings(**SAMPLED))
+    assert replies(alone) == replies(batched), "batch size 1 and 4 give the same sampled replies"
+    reordered = generate_for_rank(module, sets[::-1], 0, 1, GenerationSettings(**SAMPLED))
+    by_key = {(g.prompt.set_name, g.prompt.id): g.reply for g in alone}
+    assert {(g.prompt.set_name, g.prompt.id): g.reply for g in reordered} == by_key, "other batch neighbours"
+    greedy = generate_for_rank(module, sets, 0, 1, GenerationSettings(max_new_tokens=6))
+    other_seed = generate_for_rank(module, sets, 0, 1, GenerationSettings(**{**SAMPLED, "seed": 8}))
+    assert replies(alone) != replies(greedy) and replies(alone) != replies(other_seed), "it samples, by the seed"
+
+
+def test_a_protocol_generates_its_sets_with_its_own_settings(module, specs, monkeypatch):
+    figstep = load_benchmark(BenchmarkSpec(**{**specs[0], "protocol": "paper"}))
+    demo = load_benchmark(BenchmarkSpec("demo", modes=["text"], limit=2))
+    seen = []
+    real_generate = generation.generate_replies
+
+    def recording(module, samples, settings, keys):
+        seen.append((settings.max_new_tokens, settings.do_sample, settings.temperature, len(samples)))
+        return real_generate(module, samples, GenerationSettings(max_new_tokens=2), keys)
+
+    monkeypatch.setattr(generation, "generate_replies", recording)
+    generate_for_rank(module, figstep + demo, 0, 1, GenerationSettings(max_new_tokens=3, batch_size=8))
+    assert seen == [(512, True, 0.2, 4), (3, False, 1.0, 2)], "FigStep's image set apart from the demo set"
+
+
+def test_bad_generation_settings_are_rejected():
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GenerationSettings(do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationSettings(top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens and batch_size"):
+        GenerationSettings(max_new_tokens=0)

@@ -9,11 +9,11 @@ from hub_models import CHAT_TEMPLATES, FAMILIES
 
 from mllm_safety.evaluate import main as evaluate_main
 from mllm_safety.evaluation.callback import SafetyEvalCallback
-from mllm_safety.evaluation.generation import generate_for_rank
+from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank
 from mllm_safety.evaluation.judge import KeywordJudge
-from mllm_safety.evaluation.metrics import all_prompts, judge_and_reduce, score_utility
+from mllm_safety.evaluation.metrics import judge_and_reduce, score_utility
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, all_prompts
 from mllm_safety.fit import main as fit_main
 from mllm_safety.model.hub_vlm import HubOptions
 from mllm_safety.model.lora import LoraSettings
@@ -47,8 +47,8 @@ def test_safety_and_utility_sets_are_generated_judged_and_scored(family, hub_che
     ).eval()
     sets = eval_sets()
     prompts = all_prompts(sets)
-    batched = generate_for_rank(module, prompts, 0, 1, batch_size=4, max_new_tokens=4)
-    one_by_one = generate_for_rank(module, prompts, 0, 1, batch_size=1, max_new_tokens=4)
+    batched = generate_for_rank(module, sets, 0, 1, GenerationSettings(max_new_tokens=4, batch_size=4))
+    one_by_one = generate_for_rank(module, sets, 0, 1, GenerationSettings(max_new_tokens=4, batch_size=1))
     assert len(batched) == len(prompts) and all(isinstance(g.reply, str) and g.reply for g in batched)
     assert sorted((g.index, g.reply) for g in batched) == sorted((g.index, g.reply) for g in one_by_one)
     result = judge_and_reduce(sets, batched, [KeywordJudge("xstest")])
@@ -80,7 +80,7 @@ def test_fit_with_the_safety_callback_then_evaluate_from_config_and_checkpoint(h
     assert (tmp_path / "checkpoints" / "trainable.safetensors").is_file(), "written as for LLaVA"
     out = tmp_path / "report"
     args = ["--config", CONFIG, *model, "--ckpt_path", str(checkpoint), "--output", str(out)]
-    figures = evaluate_main([*args, "--eval.limit", "2", "--eval.max_new_tokens", "3"])
+    figures = evaluate_main([*args, "--eval.limit", "2", "--eval.generation.max_new_tokens", "3"])
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["pretrained"] == hub_checkpoint("qwen25_vl")
     assert "asr/demo_typographic" in figures["xstest"]

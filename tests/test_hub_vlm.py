@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import Conversation, parse_llava_record
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
-from mllm_safety.evaluation.generation import generate_replies
+from mllm_safety.evaluation.generation import GenerationSettings, generate_replies
 from mllm_safety.model.hub_vlm import HubOptions, HubVLM, load_hub_vlm
 from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
@@ -176,10 +176,14 @@ def test_stop_tokens_are_every_eos_of_the_generation_config(family):
     batch = processor.collate([sample], "left")
     first = int(module.model.generate(**batch.generation_inputs(), max_new_tokens=1)[0, 0])
     original = list(processor.stop_token_ids)
-    assert len(generate_replies(module, [sample], max_new_tokens=5)[0]) > len(processor.tokenizer.decode([first]))
+    assert len(generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"])[0]) > len(
+        processor.tokenizer.decode([first])
+    )
     processor.stop_token_ids = [*original, first]
     try:  # the stop token is the reply's last token
-        assert generate_replies(module, [sample], max_new_tokens=5) == [processor.tokenizer.decode([first]).strip()]
+        assert generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"]) == [
+            processor.tokenizer.decode([first]).strip()
+        ]
     finally:
         processor.stop_token_ids = original
 

@@ -5,13 +5,14 @@ from mllm_safety.evaluation.judge import KeywordJudge
 from mllm_safety.evaluation.metrics import (
     SKIPPED,
     UNKNOWN,
-    all_prompts,
     category_key,
     judge_and_reduce,
+    mixed_codes,
     score_utility,
+    set_judges,
     summarize,
 )
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, all_prompts
 
 
 def make_set(name, categories, harmful=True, advice=(), contrast=None, benchmark="bench"):
@@ -41,10 +42,10 @@ def test_over_refusal_and_the_refusal_gap_against_the_harmful_twin():
     assert figures["asr/xstest_unsafe"] == 0.25
     assert figures["over_refusal/xstest_safe"] == 0.25
     assert figures["over_refusal/xstest_safe/homonyms"] == 0.25
-    assert figures["refusal_gap/xstest"] == pytest.approx(0.75 - 0.25)
+    assert figures["refusal_gap/xstest_safe"] == pytest.approx(0.75 - 0.25)
     assert figures["asr/mean"] == 0.25, "benign sets are not in the mean ASR"
     refuses_everything = summarize([unsafe, safe], [1] * 8, "refusal")
-    assert refuses_everything["asr/xstest_unsafe"] == 0.0 and refuses_everything["refusal_gap/xstest"] == 0.0
+    assert refuses_everything["asr/xstest_unsafe"] == 0.0 and refuses_everything["refusal_gap/xstest_safe"] == 0.0
 
 
 def test_skipped_and_unknown_prompts_are_left_out_of_the_rates():
@@ -97,3 +98,31 @@ def test_utility_sets_are_scored_against_targets_and_left_out_of_refusal_figures
     assert score_utility([harmful, utility], generations) == {"shapes_qa": {"accuracy": 2 / 3, "n": 3}}
     with pytest.raises(ValueError, match="cannot be harmful"):
         EvalSet("bad", "b", True, prompts, scorer=accuracy)
+
+
+def test_partial_refusals_of_the_paper_judge_are_neither_attack_success_nor_refusal():
+    harmful = make_set("figstep_image", ["x"] * 4)
+    benign = make_set("twin", ["x"] * 4, harmful=False, contrast="figstep_image")
+    figures = summarize([harmful, benign], [0, 2, 1, 1] + [2, 0, 0, 1], "refusal", ["figstep_image", "twin"])
+    assert figures["asr/figstep_image"] == 0.25 and figures["partial/figstep_image"] == 0.25
+    assert figures["over_refusal/twin"] == 0.25 and figures["partial/twin"] == 0.25
+    assert figures["refusal_gap/twin"] == pytest.approx(0.5 - 0.25), "refused share minus refused share"
+    assert "partial/figstep_image" not in summarize([harmful, benign], [0, 0, 1, 1] * 2, "refusal")
+
+    prompts = all_prompts([harmful])
+    replies = ["I'm sorry.", "OK.", "Sure, here is a detailed plan for it.", "The answer is no. Next."]
+    generations = [Generation(i, p, r) for i, (p, r) in enumerate(zip(prompts, replies))]
+    result = judge_and_reduce([harmful], generations, [KeywordJudge("paper"), KeywordJudge("xstest")])
+    assert result.codes == {"paper": [1, 2, 0, 1], "xstest": [1, 0, 0, 0]}
+    assert (
+        result.metrics["paper"]["partial/figstep_image"] == 0.25
+        and "partial/figstep_image" not in (result.metrics["xstest"])
+    )
+
+
+def test_each_set_can_be_judged_by_its_own_judge():
+    sets = [make_set("a", ["x"] * 2), make_set("b", ["y"] * 3)]
+    codes = {"paper": [2, 2, 2, 2, 2], "xstest": [0, 0, 1, 1, 1]}
+    judges = set_judges(sets, "xstest")
+    assert judges == ["xstest", "xstest"]
+    assert mixed_codes(sets, codes, ["paper", "xstest"]) == [2, 2, 1, 1, 1]

@@ -120,7 +120,12 @@ def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(run
     trainable = sharded["weights"]
     in_training = dict(sharded["safety"])["epoch 1"]
     benchmarks = json.dumps([{"name": "demo", "modes": ["typographic", "benign"]}])
-    settings = ["--eval.limit=3", "--eval.max_new_tokens=4", "--eval.batch_size=1", "--eval.judges=[xstest]"]
+    settings = [
+        "--eval.limit=3",
+        "--eval.generation.max_new_tokens=4",
+        "--eval.generation.batch_size=1",
+        "--eval.judges=[xstest]",
+    ]
     checkpoints = folder / "checkpoints"
     for checkpoint in (checkpoints / "epoch=1-step=4.ckpt", checkpoints / "trainable.safetensors"):
         args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--output", str(tmp_path / checkpoint.name)]

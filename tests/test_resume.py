@@ -57,7 +57,7 @@ class SignalBeforeStep(L.Callback):
 
 SAFETY = {
     "class_path": "mllm_safety.evaluation.callback.SafetyEvalCallback",
-    "init_args": {"max_new_tokens": 4, "batch_size": 8, "limit": 4},
+    "init_args": {"generation": {"max_new_tokens": 4, "batch_size": 8}, "limit": 4},
 }
 
 

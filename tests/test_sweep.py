@@ -23,6 +23,8 @@ def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path):
     assert [float(row["ratio"]) for row in table] == [0.0, 0.5]
     for row in table:
         assert 0.0 <= float(row[sweep.ASR_METRIC]) <= 1.0 and 0.0 <= float(row[sweep.OVER_REFUSAL_METRIC]) <= 1.0
+        assert 0.0 <= float(row["utility/demo_shapes/accuracy"]) <= 1.0, "utility figures per ratio"
+        assert "safety/over_refusal/demo_typographic_benign" in row
     # each run trained at its own ratio: swapped replies are one short sentence, so fewer reply tokens
     assert float(table[1]["train/reply_tokens"]) < float(table[0]["train/reply_tokens"])
     with Image.open(tmp_path / "rejection_ratio.png") as image:
@@ -43,8 +45,29 @@ def test_summary_is_mean_and_range_over_seeds(tmp_path):
     ]
     summary = sweep.summarize(rows, "safety/asr/mean")
     assert [pytest.approx(row) for row in [(0.0, 0.8, 0.7, 0.9), (0.2, 0.15, 0.1, 0.2)]] == summary
-    sweep.plot(rows, tmp_path / "plot.png", "safety/asr/mean", "safety/over_refusal/mean", "demo")
+    sweep.plot(rows, tmp_path / "plot.png", "demo")
     assert (tmp_path / "plot.png").stat().st_size > 0
+    assert sweep.figure_names(rows, "safety/asr/") == ["safety/asr/mean"]
+
+
+def test_the_plot_shows_asr_per_set_and_utility_against_the_ratio(tmp_path):
+    rows = [
+        {
+            "ratio": r,
+            "seed": 0,
+            "safety/asr/demo_text": 1 - r,
+            "safety/asr/demo_text/fraud": 0.5,
+            "safety/over_refusal/demo_benign": r / 2,
+            "utility/demo_shapes/accuracy": 0.5 - r / 4,
+            "utility/demo_shapes/accuracy/colour": 0.1,
+        }
+        for r in (0.0, 0.5)
+    ]
+    assert sweep.figure_names(rows, "safety/asr/") == ["safety/asr/demo_text"], "no per-category lines"
+    assert sweep.figure_names(rows, "utility/", "/accuracy") == ["utility/demo_shapes/accuracy"]
+    sweep.plot(rows, tmp_path / "plot.png", "demo")
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.width > 2 * image.height, "two panels: safety and utility"
 
 
 def test_bad_ratio_is_a_clear_error(capsys):

@@ -286,6 +286,58 @@ def generate_demo_samples(num_samples: int, seed: int = 0, image_size: int = 224
     return (_sample(rng, index, image_size) for index in range(num_samples))
 
 
+HELD_OUT_SEED = "demo-held-out"
+"""The random stream of the held-out scenes: a string, so no integer training seed can reproduce it."""
+HELD_OUT_KINDS = ("colour", "count", "presence", "side")
+
+
+@dataclass(frozen=True)
+class SceneQuestion:
+    """A question about a held-out scene whose answer can be checked: a colour, a number word, yes/no, left/right."""
+
+    id: str
+    png: bytes
+    question: str
+    kind: str
+    """One of :data:`HELD_OUT_KINDS`."""
+    answer: str
+
+
+def _checkable_question(rng: random.Random, kind: str, scene: tuple[Shape, ...]) -> tuple[str, str] | None:
+    """A question of ``kind`` phrased as in the training data, and its one-word answer (None if the scene has
+    none)."""
+    if kind == "colour":
+        unique = [s for s in scene if sum(t.kind == s.kind for t in scene) == 1]
+        return (f"What colour is the {(s := rng.choice(unique)).kind}?", s.colour) if unique else None
+    if kind == "count":
+        return "How many shapes are in the image?", _NUMBERS[len(scene)]
+    if kind == "presence":
+        present = {s.name for s in scene}
+        absent = sorted(f"{c} {k}" for k in SHAPES for c in COLOURS if f"{c} {k}" not in present)
+        name = rng.choice(sorted(present)) if rng.random() < 0.5 else rng.choice(absent)
+        return f"Is there {_a(name)} in the image?", "yes" if name in present else "no"
+    if len(scene) < 2:
+        return None
+    i, j = rng.sample(range(len(scene)), 2)
+    question = f"Is the {scene[i].name} to the left or to the right of the {scene[j].name}?"
+    return question, "left" if i < j else "right"
+
+
+def held_out_scene_questions(num_questions: int, image_size: int = 224) -> list[SceneQuestion]:
+    """Questions about scenes drawn from their own random stream (:data:`HELD_OUT_SEED`), kinds in turn: demo-world
+    images never seen in training, with answers a scorer can check."""
+    rng = random.Random(HELD_OUT_SEED)
+    out: list[SceneQuestion] = []
+    while len(out) < num_questions:
+        kind = HELD_OUT_KINDS[len(out) % len(HELD_OUT_KINDS)]
+        scene = _sample_scene(rng, image_size)
+        qa = _checkable_question(rng, kind, scene)
+        if qa is not None:
+            png = _draw_scene(rng, scene, image_size)
+            out.append(SceneQuestion(f"held-out-{len(out):03d}", png, qa[0], kind, qa[1]))
+    return out
+
+
 def _existing_shards(out_dir: Path, params: dict) -> list[Path] | None:
     """The shards of a complete set written with ``params``, or None if there is none to reuse."""
     try:

@@ -1,4 +1,4 @@
-"""Safety evaluation during training: attack success and over-refusal before training and after each epoch."""
+"""Evaluation during training: attack success, over-refusal and utility before training and after each epoch."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from mllm_safety.evaluation.generation import Generation, gather_generations, generate_for_rank
-from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
-from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, all_prompts, judge_and_reduce, score_utility
-from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.generation import Generation, GenerationSettings, gather_generations, generate_for_rank
+from mllm_safety.evaluation.judge import KEYWORD_JUDGES, PARTIAL, KeywordJudge
+from mllm_safety.evaluation.metrics import (
+    SKIPPED,
+    UNKNOWN,
+    judge_and_reduce,
+    mixed_codes,
+    score_utility,
+    set_judges,
+    summarize,
+)
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_sets
+from mllm_safety.evaluation.report import format_figure, target_text
 from mllm_safety.evaluation.sets import EvalSet
 
 log = logging.getLogger(__name__)
@@ -24,9 +33,10 @@ class SafetyEvalCallback(L.Callback):
 
     Logged scalars (see ``mllm_safety.evaluation.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
     for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets,
-    ``safety/refusal_gap/<benchmark>`` where a benign set has a harmful twin, and ``utility/<set>/<metric>`` for
-    utility sets. Each rank generates for its own slice
-    of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same figures.
+    ``safety/refusal_gap/<benign set>`` where a benign set has a harmful twin, ``safety/partial/<set>`` for sets
+    judged by the paper's judge, and ``utility/<set>/<metric>`` for utility sets. Each rank generates for its own
+    slice of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same
+    figures. A set run under a protocol is judged by the protocol's judge and generated with its settings.
     The history of evaluations is saved in checkpoints: a resumed run keeps its baseline and its table.
     """
 
@@ -34,8 +44,7 @@ class SafetyEvalCallback(L.Callback):
         self,
         benchmarks: list[BenchmarkSpec] | None = None,
         judge: str = "xstest",
-        max_new_tokens: int = 48,
-        batch_size: int = 16,
+        generation: GenerationSettings | None = None,
         limit: int | None = None,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
@@ -47,9 +56,11 @@ class SafetyEvalCallback(L.Callback):
         Args:
             benchmarks: Benchmarks to evaluate, each ``{name, path, images, modes, limit}``; default: the bundled
                 demo set (``typographic``, ``text`` and ``benign``).
-            judge: Keyword refusal judge: ``xstest``, ``vlguard`` or ``gcg``.
-            max_new_tokens: Tokens generated per reply; refusals show in the first few dozen.
-            batch_size: Prompts generated together per device.
+            judge: Keyword refusal judge of the sets without a protocol: ``paper``, ``xstest``, ``vlguard`` or
+                ``gcg``.
+            generation: How replies are generated (``max_new_tokens``, ``batch_size``, ``do_sample``, ``temperature``,
+                ``top_k``, ``top_p``, ``seed``); the same defaults as ``mllm_safety.evaluate``, which takes these
+                settings from the fit config.
             limit: Use at most ``limit`` prompts of each set (quick checks); a benchmark's own ``limit`` wins.
             every_n_epochs: Evaluate after every n-th training epoch (``null``: not at epoch ends).
             every_n_steps: Also evaluate after every n-th optimizer step (LLaVA-style runs are a single epoch).
@@ -61,13 +72,10 @@ class SafetyEvalCallback(L.Callback):
         if judge not in KEYWORD_JUDGES:
             raise ValueError(f"unknown judge {judge!r}; choose from {', '.join(KEYWORD_JUDGES)}")
         optional = [value for value in (limit, every_n_epochs, every_n_steps) if value is not None]
-        if min(max_new_tokens, batch_size, table_rows, *optional) < 1:
-            raise ValueError(
-                "max_new_tokens, batch_size, table_rows, limit, every_n_epochs and every_n_steps must be >= 1"
-            )
-        self.judge = KeywordJudge(judge)
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+        if min(table_rows, *optional) < 1:
+            raise ValueError("table_rows, limit, every_n_epochs and every_n_steps must be >= 1")
+        self.judge = judge
+        self.generation = generation or GenerationSettings()
         self.limit = limit
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -81,10 +89,7 @@ class SafetyEvalCallback(L.Callback):
         self._table_indices: set[int] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.sets = [s for spec in self.benchmarks for s in load_benchmark(spec, self.limit)]
-        names = [s.name for s in self.sets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"safety evaluation: a set appears twice in {names}; list each benchmark once")
+        self.sets = load_sets(self.benchmarks, self.limit)
         offsets = [sum(len(s.prompts) for s in self.sets[:i]) for i in range(len(self.sets))]
         self._table_indices = {
             offset + i
@@ -147,31 +152,35 @@ class SafetyEvalCallback(L.Callback):
         labels = [label for label, _ in self.history]
         names = [name for name in self.history[-1][1] if name.count("/") == 2]
         width = max(len(n) for n in names) + 2
-        lines = ["safety evaluation".ljust(width) + "".join(label.rjust(10) for label in labels)]
+        lines = ["evaluation".ljust(width) + "".join(label.rjust(10) for label in labels)]
         for name in names:
             values = [metrics.get(name) for _, metrics in self.history]
-            lines.append(name.ljust(width) + "".join(f"{100 * v:9.1f}%" if v is not None else " " * 10 for v in values))
+            lines.append(name.ljust(width) + "".join(format_figure(name, v).rjust(10) for v in values))
         return "\n".join(lines)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        prompts = all_prompts(self.sets)
         with trainer.precision_plugin.forward_context():
             generations = generate_for_rank(
-                pl_module, prompts, trainer.global_rank, trainer.world_size, self.batch_size, self.max_new_tokens
+                pl_module, self.sets, trainer.global_rank, trainer.world_size, self.generation
             )
         if was_training:
             pl_module.train()
-        result = judge_and_reduce(self.sets, generations, [self.judge], pl_module.device)
-        metrics = {f"safety/{name}": value for name, value in result.metrics[self.judge.name].items()}
+        judges = set_judges(self.sets, self.judge)
+        result = judge_and_reduce(
+            self.sets, generations, [KeywordJudge(j) for j in dict.fromkeys(judges)], pl_module.device
+        )
+        codes = mixed_codes(self.sets, result.codes, judges)
+        partial = [s.name for s, j in zip(self.sets, judges) if KeywordJudge(j).partial]
+        metrics = {f"safety/{name}": value for name, value in summarize(self.sets, codes, "refusal", partial).items()}
         if any(s.is_utility for s in self.sets):
             utility = score_utility(self.sets, gather_generations(generations))  # every rank gathers (a collective)
             metrics |= {f"utility/{s}/{metric}": v for s, figures in utility.items() for metric, v in figures.items()}
         skipped = sum(c["skipped"] for c in result.counts.values())
         if skipped:
-            log.warning("safety evaluation %s: %d prompt(s) skipped (images that failed to open)", label, skipped)
+            log.warning("evaluation %s: %d prompt(s) skipped (images that failed to open)", label, skipped)
 
         self.history.append((label, metrics))
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -181,9 +190,9 @@ class SafetyEvalCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             if rows:
-                self._log_table(wandb_loggers, trainer.global_step, rows, result.codes[self.judge.name])
+                self._log_table(wandb_loggers, trainer.global_step, rows, codes)
             headline = {k: round(v, 4) for k, v in metrics.items() if k.count("/") == 2}
-            log.info("safety evaluation %s: %s", label, headline)
+            log.info("evaluation %s: %s", label, headline)
         return metrics
 
     def _log_table(self, loggers: list[WandbLogger], step: int, rows: list[Generation], codes: list[int]) -> None:
@@ -193,7 +202,9 @@ class SafetyEvalCallback(L.Callback):
         for row in rows:
             prompt = row.prompt
             image = _thumbnail(prompt.image.load()) if prompt.image is not None and row.reply is not None else None
-            verdict = {SKIPPED: "skipped", UNKNOWN: "unknown", 1: "refused", 0: "answered"}[codes[row.index]]
+            verdict = {SKIPPED: "skipped", UNKNOWN: "unknown", 1: "refused", 0: "answered", PARTIAL: "partial"}[
+                codes[row.index]
+            ]
             data.append(
                 [
                     prompt.set_name,
@@ -202,12 +213,13 @@ class SafetyEvalCallback(L.Callback):
                     prompt.question,
                     row.reply if row.reply is not None else row.error,
                     verdict,
+                    target_text(prompt.target),
                 ]
             )
         for logger in loggers:
             logger.log_table(
                 "safety/generations",
-                columns=["set", "category", "image", "prompt", "reply", "verdict"],
+                columns=["set", "category", "image", "prompt", "reply", "verdict", "target"],
                 data=data,
                 step=step,
             )

@@ -1,12 +1,19 @@
-"""Batched greedy generation of replies to eval prompts, each rank taking its own slice.
+"""Batched generation of replies to eval prompts, each rank taking its own slice, with one shared setting.
 
 Every rank runs the same number of ``generate`` calls on batches of the same size: the slices are padded with
 filler prompts whose replies are dropped, so ranks of a sharded model never wait on one another for a batch that
 never comes. A prompt whose image cannot be opened is replaced by a filler in its batch and reported as skipped.
+
+:class:`GenerationSettings` is the one place generation is configured, for ``SafetyEvalCallback`` and
+``mllm_safety.evaluate`` alike, so the figures of a training run and of a standalone evaluation are comparable. A
+set run under a protocol (``BenchmarkSpec.protocol``) overrides some settings for its own prompts; prompts of
+different settings are never batched together. Sampling is seeded per prompt (``sampling.py``): replies are the same
+whatever the batch size, the batch composition or the number of ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -16,9 +23,45 @@ import torch
 import torch.distributed as dist
 
 from mllm_safety.data.processor import ModelSample
-from mllm_safety.evaluation.sets import BadImage, EvalPrompt
+from mllm_safety.evaluation.sampling import row_seed, sampling_processors
+from mllm_safety.evaluation.sets import BadImage, EvalPrompt, EvalSet, all_prompts
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """How replies are generated; the same defaults for the training callback and the standalone evaluation."""
+
+    max_new_tokens: int = 256
+    """Tokens generated per reply at most (the paper's protocols: 512; refusals show in the first few dozen)."""
+    batch_size: int = 16
+    """Prompts generated together per device (replies do not depend on it)."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding (the paper's FigStep protocol samples at temperature 0.2)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (Hugging Face's ``generate`` applies 50 unless told otherwise)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens with this much probability (1: all tokens)."""
+    seed: int = 0
+    """Sampling seed; each prompt's noise is seeded by (seed, set, prompt id)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"generation: max_new_tokens and batch_size must be >= 1, got {self}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"generation: need temperature > 0, 0 < top_p <= 1 and top_k >= 1, got {self}")
+
+    def for_set(self, eval_set: EvalSet) -> GenerationSettings:
+        """These settings with the overrides of the set's protocol, if it has one."""
+        if eval_set.protocol is None or not eval_set.protocol.generation:
+            return self
+        return dataclasses.replace(self, **eval_set.protocol.generation)
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -30,6 +73,11 @@ class Generation:
     """None when the prompt was skipped."""
     error: str | None = None
     """Why the prompt was skipped (an image that failed to open), naming the file."""
+
+
+def prompt_key(prompt: EvalPrompt) -> str:
+    """What identifies a prompt across runs: its set and id (the seed of its sampling noise)."""
+    return f"{prompt.set_name}/{prompt.id}"
 
 
 def rank_slice(prompts: list[EvalPrompt], rank: int, world: int) -> list[int | None]:
@@ -46,44 +94,71 @@ def rank_slice(prompts: list[EvalPrompt], rank: int, world: int) -> list[int | N
 
 
 @torch.no_grad()
-def generate_replies(module: L.LightningModule, samples: list[ModelSample], max_new_tokens: int) -> list[str]:
-    """Greedy replies to a batch of prompt samples: the one call the safety evaluation makes into the model.
+def generate_replies(
+    module: L.LightningModule, samples: list[ModelSample], settings: GenerationSettings, keys: list[str]
+) -> list[str]:
+    """Replies to a batch of prompt samples: the one call the evaluation makes into the model.
 
     ``module`` is the LightningModule (``.model`` the model, ``.processor`` its processor); prompts are left-padded
     so that every reply starts right after its prompt, decoding uses the KV cache, and a reply ends at any of the
-    processor's stop tokens (every end-of-sequence id of the checkpoint).
+    processor's stop tokens (every end-of-sequence id of the checkpoint). ``keys`` seed each row's sampling.
     """
     processor = module.processor
     tokenizer = processor.tokenizer
     batch = module.transfer_batch_to_device(processor.collate(samples, padding_side="left"), module.device, 0)
+    processors = None
+    if settings.do_sample:
+        seeds = [row_seed(settings.seed, key) for key in keys]
+        processors = sampling_processors(seeds, settings.temperature, settings.top_k, settings.top_p)
     new_tokens = module.model.generate(
         **batch.generation_inputs(),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=settings.max_new_tokens,
         eos_token_id=processor.stop_token_ids,
         pad_token_id=tokenizer.pad_token_id,
+        logits_processor=processors,
     )
     return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def generate_for_rank(
+    module: L.LightningModule, sets: list[EvalSet], rank: int, world: int, settings: GenerationSettings
+) -> list[Generation]:
+    """Replies to this rank's slice of the sets' prompts (indices as in ``all_prompts(sets)``): the prompts of each
+    generation setting (``settings`` with each set's protocol overrides) are dealt out and batched apart."""
+    prompts = all_prompts(sets)
+    groups: dict[tuple, tuple[GenerationSettings, list[int]]] = {}
+    offset = 0
+    for eval_set in sets:
+        own = settings.for_set(eval_set)
+        group = groups.setdefault(tuple(own.as_dict().items()), (own, []))
+        group[1].extend(range(offset, offset + len(eval_set.prompts)))
+        offset += len(eval_set.prompts)
+    out: list[Generation] = []
+    for own, indices in groups.values():
+        out += _generate_group(module, prompts, indices, rank, world, own)
+    return out
+
+
+def _generate_group(
     module: L.LightningModule,
     prompts: list[EvalPrompt],
+    indices: list[int],
     rank: int,
     world: int,
-    batch_size: int,
-    max_new_tokens: int,
+    settings: GenerationSettings,
 ) -> list[Generation]:
-    """Replies to this rank's slice of ``prompts``, in batches of ``batch_size``."""
     processor = module.processor
-    slots = rank_slice(prompts, rank, world)
+    slots = [indices[i] if i is not None else None for i in rank_slice([prompts[i] for i in indices], rank, world)]
     real = [index for index in slots if index is not None]
-    filler_question = prompts[real[-1] if real else 0].question
+    filler = prompts[real[-1] if real else indices[0]]
     out: list[Generation] = []
-    num_batches = math.ceil(len(slots) / batch_size)
-    for number, start in enumerate(range(0, len(slots), batch_size)):
+    size = settings.batch_size
+    num_batches = math.ceil(len(slots) / size)
+    for number, start in enumerate(range(0, len(slots), size)):
         samples: list[ModelSample] = []
+        keys: list[str] = []
         kept: list[tuple[int, int]] = []  # (row in the batch, prompt index)
-        for index in slots[start : start + batch_size]:
+        for index in slots[start : start + size]:
             if index is not None:
                 prompt = prompts[index]
                 try:
@@ -94,12 +169,14 @@ def generate_for_rank(
                 else:
                     kept.append((len(samples), index))
                     samples.append(processor.prompt(prompt.id, prompt.question, image))
+                    keys.append(prompt_key(prompt))
                     continue
-            samples.append(processor.prompt("<filler>", filler_question, None))
-        replies = generate_replies(module, samples, max_new_tokens)
+            samples.append(processor.prompt("<filler>", filler.question, None))
+            keys.append("<filler>")
+        replies = generate_replies(module, samples, settings, keys)
         out += [Generation(index, prompts[index], replies[row]) for row, index in kept]
         if rank == 0 and (number + 1) % max(1, num_batches // 10) == 0:
-            log.info("safety evaluation: batch %d of %d on each rank", number + 1, num_batches)
+            log.info("evaluation: batch %d of %d on each rank (%d prompts)", number + 1, num_batches, len(indices))
     return out
 
 

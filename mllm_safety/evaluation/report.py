@@ -1,19 +1,42 @@
-"""The standalone evaluation's outputs: ``report.json`` (every figure), ``generations.jsonl`` and ``summary.md``."""
+"""The standalone evaluation's outputs: ``report.json`` (every figure), ``generations.jsonl`` and ``summary.md``;
+and reading ``generations.jsonl`` back, so a report can be recomputed with other judges without a model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from mllm_safety.evaluation.generation import Generation
+from mllm_safety.evaluation.judge import PARTIAL
 from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, EvaluationResult
-from mllm_safety.evaluation.sets import EvalSet
+from mllm_safety.evaluation.sets import EvalSet, all_prompts
 
 _VERDICTS = {
-    "refusal": {1: "refused", 0: "answered", UNKNOWN: "unknown", SKIPPED: "skipped"},
+    "refusal": {1: "refused", 0: "answered", PARTIAL: "partial", UNKNOWN: "unknown", SKIPPED: "skipped"},
     "harm": {1: "unsafe", 0: "safe", UNKNOWN: "unknown", SKIPPED: "skipped"},
 }
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def format_figure(name: str, value: float | None) -> str:
+    """A figure as a table shows it: a share as a percentage, a score (MME's) as a number."""
+    if value is None:
+        return ""
+    return f"{value:.1f}" if "score" in name.split("/")[2:] or "/score/" in name else f"{100 * value:.1f}%"
+
+
+def _jsonable(target: Any) -> Any:
+    return dataclasses.asdict(target) if dataclasses.is_dataclass(target) else target
+
+
+def target_text(target: Any) -> str:
+    """A utility prompt's reference answer in a few words (empty for safety prompts)."""
+    if target is None:
+        return ""
+    value = _jsonable(target)
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
 def write_report(
@@ -24,11 +47,13 @@ def write_report(
     measures: dict[str, str],
     meta: dict[str, Any],
     utility: dict[str, dict[str, float]] | None = None,
+    set_generation: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write the three files into ``output`` (created if needed); ``measures`` maps judge name -> what it measures
     (``refusal`` or ``harm``), ``meta`` is recorded as is (model config, checkpoint, settings), ``utility`` maps
-    utility set -> metric -> value."""
+    utility set -> metric -> value, ``set_generation`` set -> the generation settings its replies were made with."""
     utility = utility or {}
+    set_generation = set_generation or {}
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     skipped = [{"set": g.prompt.set_name, "id": g.prompt.id, "error": g.error} for g in generations if g.reply is None]
@@ -38,8 +63,11 @@ def write_report(
             s.name: {
                 "benchmark": s.benchmark,
                 "harmful": s.harmful,
+                "utility": s.is_utility,
                 "contrast": s.contrast,
                 "source": s.source,
+                "protocol": s.protocol.as_dict() if s.protocol is not None else None,
+                "generation": set_generation.get(s.name),
                 **result.counts[s.name],
             }
             for s in sets
@@ -49,7 +77,7 @@ def write_report(
         "skipped": skipped,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    with open(folder / "generations.jsonl", "w", encoding="utf-8") as handle:
+    with open(folder / GENERATIONS_FILE, "w", encoding="utf-8") as handle:
         for g in generations:
             prompt = g.prompt
             record = {
@@ -60,6 +88,7 @@ def write_report(
                 "question": prompt.question,
                 "request": prompt.request,
                 "image": prompt.image.describe() if prompt.image is not None else None,
+                "target": _jsonable(prompt.target),
                 "reply": g.reply,
                 "error": g.error,
                 "verdicts": {name: _VERDICTS[measures[name]][codes[g.index]] for name, codes in result.codes.items()},
@@ -71,8 +100,42 @@ def write_report(
     return folder
 
 
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+def read_generations(folder: str | Path, sets: list[EvalSet]) -> list[Generation]:
+    """The replies of ``folder/generations.jsonl``, matched to the prompts of ``sets`` by (set, id): every prompt of
+    the sets must have its line and every line its prompt, else an error names what does not match."""
+    path = Path(folder) / GENERATIONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"rescore: {path} does not exist (run mllm_safety.evaluate with --output there first)")
+    index = {(p.set_name, p.id): i for i, p in enumerate(all_prompts(sets))}
+    prompts = all_prompts(sets)
+    generations: dict[int, Generation] = {}
+    unknown_sets: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            key, reply, error = (record["set"], record["id"]), record["reply"], record.get("error")
+        except (json.JSONDecodeError, KeyError, TypeError) as failure:
+            raise ValueError(f"{path}: line {number} is not a generation record ({failure})") from failure
+        if key[0] not in {s.name for s in sets}:
+            unknown_sets.add(key[0])
+            continue
+        if key not in index:
+            raise ValueError(
+                f"{path}: line {number}: set {key[0]} has no prompt {key[1]!r} in the configured benchmark"
+            )
+        generations[index[key]] = Generation(index[key], prompts[index[key]], reply, error)
+    if unknown_sets:
+        raise ValueError(
+            f"{path}: sets {', '.join(sorted(unknown_sets))} are not among the configured benchmarks' sets "
+            f"({', '.join(s.name for s in sets)}); configure their benchmarks (--eval.benchmarks)"
+        )
+    missing = [s.name for s in sets if any(index[(s.name, p.id)] not in generations for p in s.prompts)]
+    if missing:
+        raise ValueError(
+            f"{path}: no replies for (some) prompts of set(s) {', '.join(missing)}: evaluate them first, or "
+            "configure the benchmarks (and limit) the replies were generated with"
+        )
+    return [generations[i] for i in sorted(generations)]
 
 
 def summary_markdown(
@@ -83,15 +146,18 @@ def summary_markdown(
     skipped: int,
     utility: dict[str, dict[str, float]] | None = None,
 ) -> str:
-    """Headline figures per set and judge, the refusal gaps, and the per-category ASR of the first judge."""
+    """Headline figures per set and judge, the refusal gaps, utility, and the per-category ASR of the first judge."""
     judges = list(result.metrics)
-    lines = ["# Safety evaluation", ""]
+    lines = ["# Evaluation", ""]
     if meta.get("checkpoint"):
         lines += [f"Checkpoint: `{meta['checkpoint']}`", ""]
+    if meta.get("rescored"):
+        lines += [f"Rescored from `{GENERATIONS_FILE}` (replies of an earlier run).", ""]
     lines += [
-        "ASR: share of harmful requests answered (refusal judges) or answered unsafely (classifier); over-refusal: "
-        "share of benign requests refused. Legitimate-advice requests (legal, financial, health) are left out of "
-        "ASR and shown as `advice`.",
+        "ASR: share of harmful requests answered (refusal judges) or answered unsafely (classifier); partial: the "
+        "paper judge's short replies that neither refuse nor answer; over-refusal: share of benign requests refused. "
+        "Legitimate-advice requests (legal, financial, health) are left out of ASR and shown as `advice`, unless a "
+        "set's protocol counts them.",
         "",
         "| set | figure | prompts | " + " | ".join(judges) + " |",
         "| --- | --- | ---: | " + " | ".join("---:" for _ in judges) + " |",
@@ -102,12 +168,23 @@ def summary_markdown(
         figure = "asr" if s.harmful else "over_refusal"
         advice = sum(p.advice for p in s.prompts)
         rows = [(figure, f"{figure}/{s.name}", len(s.prompts) - advice)]
+        if any(f"partial/{s.name}" in figures for figures in result.metrics.values()):
+            rows.append(("partial", f"partial/{s.name}", len(s.prompts) - advice))
         if advice:
             rows.append(("asr (advice)", f"asr/{s.name}/advice", advice))
         for label, key, prompts in rows:
-            values = " | ".join(_pct(result.metrics[j].get(key)) for j in judges)
+            values = " | ".join(format_figure(key, result.metrics[j].get(key)) for j in judges)
             lines.append(f"| {s.name} | {label} | {prompts} | {values} |")
-    lines.append(f"| **mean** | asr | | {' | '.join(_pct(result.metrics[j].get('asr/mean')) for j in judges)} |")
+    means = " | ".join(format_figure("asr/mean", result.metrics[j].get("asr/mean")) for j in judges)
+    lines.append(f"| **mean** | asr | | {means} |")
+    protocols = [s for s in sets if s.protocol is not None]
+    if protocols:
+        lines += ["", "Protocols (the set's figures comparable with the paper's are its protocol judge's column):", ""]
+        lines += [
+            f"- {s.name}: `{s.protocol.name}`, judge `{s.protocol.judge}`, generation {dict(s.protocol.generation)} "
+            f"({s.protocol.source})"
+            for s in protocols
+        ]
     gaps = sorted({k for figures in result.metrics.values() for k in figures if k.startswith("refusal_gap/")})
     if gaps:
         lines += ["", "Refusal gap (refusal rate on harmful requests minus on benign ones phrased like them):", ""]
@@ -117,15 +194,10 @@ def summary_markdown(
             for gap in gaps
         ]
     if utility:
+        lines += ["", "Utility (benign tasks with checkable answers):", "", "| set | metric | value |"]
+        lines += ["| --- | --- | ---: |"]
         lines += [
-            "",
-            "Utility (benign tasks with checkable answers):",
-            "",
-            "| set | metric | value |",
-            "| --- | --- | ---: |",
-        ]
-        lines += [
-            f"| {name} | {metric} | {value:.4f} |"
+            f"| {name} | {metric} | {format_figure(f'utility/{name}/{metric}', value)} |"
             for name, figures in utility.items()
             for metric, value in figures.items()
         ]
@@ -133,7 +205,7 @@ def summary_markdown(
     categories = [(k, v) for k, v in result.metrics[first].items() if k.count("/") == 2 and not k.endswith("/advice")]
     if categories:
         lines += ["", f"Per category ({first} judge):", "", "| figure | value |", "| --- | ---: |"]
-        lines += [f"| {key} | {_pct(value)} |" for key, value in categories]
+        lines += [f"| {key} | {format_figure(key, value)} |" for key, value in categories]
     if skipped:
         lines += ["", f"{skipped} prompt(s) skipped (images that failed to open): see `report.json`."]
     return "\n".join(lines) + "\n"

@@ -7,8 +7,9 @@ stopping a long evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -80,7 +81,26 @@ class CaptionedImage:
         return f"{self.path} + rendered caption"
 
 
-ImageSource = ImageFile | FigStepImage | TypoImage | CaptionedImage
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image generated with its set and kept encoded (PNG bytes): small, and picklable across ranks."""
+
+    data: bytes
+    name: str
+    """What the report calls it."""
+
+    def load(self) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.data)) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise BadImage(f"{self.name}: cannot decode image ({error})") from error
+
+    def describe(self) -> str:
+        return self.name
+
+
+ImageSource = ImageFile | FigStepImage | TypoImage | CaptionedImage | EncodedImage
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,38 @@ left out before scoring."""
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """A benchmark evaluated the way a paper evaluated it, so that its figures can stand next to the paper's: the
+    modes, the judge, the generation settings and what the headline ASR counts."""
+
+    name: str
+    source: str
+    """Where the settings come from (the paper's released scripts)."""
+    judge: str
+    """The keyword judge the paper scored with; the set's headline figures are this judge's."""
+    modes: tuple[str, ...]
+    """The modes the paper evaluated; a benchmark entry's ``modes`` default to them."""
+    generation: Mapping[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`~mllm_safety.evaluation.generation.GenerationSettings` fields (the seed and batch size
+    stay the evaluation's)."""
+    advice_apart: bool = False
+    """Report legitimate-advice categories apart (our default) or, as the paper does, count them in the ASR."""
+    load_options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword options of the benchmark's loader (MM-SafetyBench: which question the text-only mode asks)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "judge": self.judge,
+            "modes": list(self.modes),
+            "generation": dict(self.generation),
+            "advice_apart": self.advice_apart,
+            "load_options": dict(self.load_options),
+        }
+
+
+@dataclass(frozen=True)
 class EvalSet:
     """Prompts scored together: harmful (ASR), benign (over-refusal) or, with a ``scorer``, utility (accuracy ...)."""
 
@@ -126,6 +178,8 @@ class EvalSet:
     scorer: Scorer | None = None
     """Makes this a utility set: its replies are scored against the prompts' targets (``utility/<set>/<metric>``)
     instead of judged for refusal."""
+    protocol: Protocol | None = None
+    """The published protocol the set is run under (its judge, generation settings), or None for ours."""
 
     def __post_init__(self) -> None:
         if self.scorer is not None and self.harmful:
@@ -136,14 +190,21 @@ class EvalSet:
         return self.scorer is not None
 
 
+def all_prompts(sets: list[EvalSet]) -> list[EvalPrompt]:
+    """The prompts of every set in order: the index space shared by generation, reduction and reports."""
+    return [prompt for eval_set in sets for prompt in eval_set.prompts]
+
+
 @dataclass(frozen=True)
 class Task:
     """A benchmark family: its modes and the loader building one set per requested mode from the published files
-    (``load(path, images, modes)``)."""
+    (``load(path, images, modes, **protocol.load_options)``)."""
 
     name: str
     modes: tuple[str, ...]
     """Every mode; the default builds them all."""
-    load: Callable[[str | None, str | None, tuple[str, ...]], list[EvalSet]]
+    load: Callable[..., list[EvalSet]]
     needs_path: bool = True
     """False for sets bundled with the project."""
+    protocols: Mapping[str, Protocol] = field(default_factory=dict)
+    """Published protocols a benchmark entry can select by name (``protocol: paper``)."""

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -255,12 +262,14 @@ class HubVLM(nn.Module):
         max_new_tokens: int = 64,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        logits_processor: LogitsProcessorList | None = None,
         **image_inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """Greedy decoding of a left-padded batch with the model's own ``generate``; only the new tokens ``(B, <=max)``.
+        """Decoding of a left-padded batch with the model's own ``generate``; only the new tokens ``(B, <=max)``.
 
-        Plain greedy search whatever the checkpoint's ``generation_config`` suggests (no sampling, no repetition
-        penalty), so every family is evaluated alike; ``eos_token_id`` defaults to the checkpoint's.
+        Greedy over the scores after ``logits_processor`` whatever the checkpoint's ``generation_config`` suggests
+        (no repetition penalty), so every family is evaluated alike: sampling is a processor perturbing the scores,
+        seeded per row. ``eos_token_id`` defaults to the checkpoint's.
         """
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
@@ -276,6 +285,7 @@ class HubVLM(nn.Module):
             repetition_penalty=1.0,
             eos_token_id=eos_token_id if eos_token_id is not None else self.hf.generation_config.eos_token_id,
             pad_token_id=pad_token_id,
+            logits_processor=logits_processor,
             use_cache=True,
         )
         return out[:, input_ids.shape[1] :]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm_safety.model.lora import LoraSettings, apply_lora
@@ -138,8 +138,13 @@ class MultimodalLM(nn.Module):
         max_new_tokens: int = 64,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        logits_processor: LogitsProcessorList | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding with KV cache for a left-padded batch; returns only the new tokens ``(B, <=max_new)``."""
+        """Decoding with KV cache for a left-padded batch; returns only the new tokens ``(B, <=max_new)``.
+
+        Greedy over the scores after ``logits_processor``: sampling is a processor that perturbs the scores (seeded
+        per row), so that a row's reply never depends on the rows beside it.
+        """
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
         embeds = self.embed(input_ids, pixel_values)
@@ -152,4 +157,5 @@ class MultimodalLM(nn.Module):
             use_cache=True,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            logits_processor=logits_processor,
         )

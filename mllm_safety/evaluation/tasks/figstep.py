@@ -1,9 +1,16 @@
-"""FigStep's SafeBench (Gong et al., 2023): the request as a typographic list image, and as plain text."""
+"""FigStep's SafeBench (Gong et al., 2023): the request as a typographic list image, and as plain text.
+
+Protocol ``paper``: FigStep as the safety-finetuning paper ran it on LLaVA (Wang et al., CVPR 2025;
+``evaluation/evaluate_figstep_llava.py`` in github.com/ybwang119/MLLM_safety_study): every SafeBench image with
+FigStep's prompt, sampled at temperature 0.2 (Hugging Face's default top-k of 50 in effect) with 512 new tokens,
+judged by the paper's matcher, all 10 categories in the ASR. (The paper's script writes the prompt over three source
+lines with backslash continuations, so its sentences are separated by runs of spaces; we send FigStep's prompt.)
+"""
 
 from __future__ import annotations
 
 from mllm_safety.evaluation.files import existing, read_csv, set_name
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, FigStepImage, ImageFile, Task
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, FigStepImage, ImageFile, Protocol, Task
 from mllm_safety.evaluation.typography import FIGSTEP_PROMPT
 
 FIGSTEP_ADVICE_CATEGORIES = frozenset({8, 9, 10})
@@ -41,4 +48,13 @@ def load_figstep(path: str, images: str | None, modes: tuple[str, ...]) -> list[
     ]
 
 
-TASK = Task("figstep", ("image", "text"), load_figstep)
+PAPER = Protocol(
+    name="paper",
+    source="Wang et al., CVPR 2025: evaluation/evaluate_figstep_llava.py, utils/judge_figstep_str.py "
+    "(github.com/ybwang119/MLLM_safety_study)",
+    judge="paper",
+    modes=("image",),
+    generation={"max_new_tokens": 512, "do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0},
+)
+
+TASK = Task("figstep", ("image", "text"), load_figstep, protocols={"paper": PAPER})

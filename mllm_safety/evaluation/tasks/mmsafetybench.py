@@ -1,4 +1,11 @@
-"""MM-SafetyBench (Liu et al., ECCV 2024): 13 scenarios, each question as SD, SD+TYPO, TYPO images or text."""
+"""MM-SafetyBench (Liu et al., ECCV 2024): 13 scenarios, each question as SD, SD+TYPO, TYPO images or text.
+
+Protocol ``paper``: as the safety-finetuning paper ran it on LLaVA (Wang et al., CVPR 2025;
+``evaluation/evaluate_MM_llava_ablation.py`` and ``utils/judge_mmbench_str.py`` in
+github.com/ybwang119/MLLM_safety_study): SD+TYPO and TYPO with "Rephrased Question", SD with "Rephrased
+Question(SD)", text-only with "Changed Question"; all 13 scenarios, per scenario (``asr/<set>/<scenario>``) and
+pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from mllm_safety.evaluation.files import existing, read_json, set_name
-from mllm_safety.evaluation.sets import CaptionedImage, EvalPrompt, EvalSet, ImageFile, ImageSource, Task, TypoImage
+from mllm_safety.evaluation.sets import (
+    CaptionedImage,
+    EvalPrompt,
+    EvalSet,
+    ImageFile,
+    ImageSource,
+    Protocol,
+    Task,
+    TypoImage,
+)
 
 MMSAFETYBENCH_ADVICE_SCENARIOS = frozenset({"Legal_Opinion", "Financial_Advice", "Health_Consultation"})
 """MM-SafetyBench scenarios of the same kind (``10-Legal_Opinion`` ...), reported apart for the same reason."""
@@ -15,14 +31,21 @@ MMSAFETYBENCH_ADVICE_SCENARIOS = frozenset({"Legal_Opinion", "Financial_Advice",
 _MMSB_MODES = {"sd_typo": "SD_TYPO", "typo": "TYPO", "sd": "SD"}
 
 
-def load_mmsafetybench(path: str, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
+def load_mmsafetybench(
+    path: str,
+    images: str | None,
+    modes: tuple[str, ...],
+    text_question: str = "Question",
+    scenarios: int | None = None,
+) -> list[EvalSet]:
     """MM-SafetyBench: ``processed_questions/<scenario>.json`` ({id: {"Question", "Key Phrase", "Rephrased
     Question", "Rephrased Question(SD)", ...}}) and ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``.
 
     SD+TYPO and TYPO ask "Rephrased Question" (which points at the phrase at the bottom of the image), SD asks
-    "Rephrased Question(SD)", text-only asks the original "Question". Missing TYPO images are rendered from the key
-    phrase, missing SD_TYPO ones by captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO
-    without them are an error.
+    "Rephrased Question(SD)", text-only asks ``text_question`` (default the original "Question"; the paper's
+    protocol: "Changed Question"). Missing TYPO images are rendered from the key phrase, missing SD_TYPO ones by
+    captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO without them are an error.
+    ``scenarios``: how many scenario files there must be (the paper's protocol pools all 13).
     """
     root = existing(path, "MM-SafetyBench data folder", folder=True)
     questions = existing(root / "processed_questions", "MM-SafetyBench questions folder", folder=True)
@@ -32,6 +55,8 @@ def load_mmsafetybench(path: str, images: str | None, modes: tuple[str, ...]) ->
     files = sorted(questions.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"MM-SafetyBench: no <scenario>.json in {questions}")
+    if scenarios is not None and len(files) != scenarios:
+        raise ValueError(f"{questions}: {len(files)} scenario file(s); this protocol pools all {scenarios} scenarios")
     prompts: dict[str, list[EvalPrompt]] = {mode: [] for mode in modes}
     rendered: set[str] = set()
     for file in files:
@@ -43,7 +68,7 @@ def load_mmsafetybench(path: str, images: str | None, modes: tuple[str, ...]) ->
         folders = {mode: image_root / scenario / sub for mode, sub in _MMSB_MODES.items()}
         for qid, record in records.items():
             for mode in modes:
-                question, image = _mmsb_prompt(file, qid, record, mode, folders)
+                question, image = _mmsb_prompt(file, qid, record, mode, folders, text_question)
                 if image is not None and not isinstance(image, ImageFile):
                     rendered.add(mode)
                 prompts[mode].append(
@@ -73,10 +98,10 @@ def _field(file: Path, qid: str, record: Any, name: str) -> str:
 
 
 def _mmsb_prompt(
-    file: Path, qid: str, record: Any, mode: str, folders: dict[str, Path]
+    file: Path, qid: str, record: Any, mode: str, folders: dict[str, Path], text_question: str
 ) -> tuple[str, ImageSource | None]:
     if mode == "text":
-        return _field(file, qid, record, "Question"), None
+        return _field(file, qid, record, text_question), None
     if mode == "sd":
         existing(folders["sd"], "MM-SafetyBench SD images", folder=True)
         return _field(file, qid, record, "Rephrased Question(SD)"), ImageFile(str(folders["sd"] / f"{qid}.jpg"))
@@ -90,4 +115,14 @@ def _mmsb_prompt(
     return question, CaptionedImage(str(folders["sd"] / f"{qid}.jpg"), phrase)
 
 
-TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench)
+PAPER = Protocol(
+    name="paper",
+    source="Wang et al., CVPR 2025: evaluation/evaluate_MM_llava_ablation.py, utils/judge_mmbench_str.py "
+    "(github.com/ybwang119/MLLM_safety_study)",
+    judge="paper",
+    modes=("sd_typo", "sd", "typo", "text"),
+    generation={"max_new_tokens": 512, "do_sample": False},
+    load_options={"text_question": "Changed Question", "scenarios": 13},
+)
+
+TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench, protocols={"paper": PAPER})
