@@ -174,7 +174,9 @@ def main() -> None:
         data = write_llava_json(folder / "raw", args.samples)
         generated = time.perf_counter() - start
         start = time.perf_counter()
-        convert(json=data, out=folder / "shards", image_root=folder / "raw" / "images", source="llava", shard_size=500)
+        convert(
+            json=data, output=folder / "shards", image_root=folder / "raw" / "images", source="llava", shard_size=500
+        )
         converted = time.perf_counter() - start
         manifest = Manifest.read(folder / "shards")
         entries = [(str(folder / "shards" / e.name), e) for e in manifest.shards]

@@ -8,7 +8,10 @@ default to those of the config's ``SafetyEvalCallback``, so the figures are comp
 Writes ``report.json`` (every figure, with the judges, protocols and generation settings), ``generations.jsonl``
 (every prompt, reply and verdict) and ``summary.md`` into DIR.
 
-Several devices (``--runtime.devices 8``, or a SLURM / torchrun launch) each generate for a slice of the prompts.
+CONFIG is read by the parser of ``mllm_safety.fit`` (a run's saved ``config.yaml`` works as is; ``--print_config``
+shows the resolved one), and ``--ckpt_path last`` takes the newest checkpoint in the run's folder. Several devices
+(``--trainer.devices 8 --trainer.precision bf16-true``, or a SLURM / torchrun launch) each generate for a slice of
+the prompts with the whole model (the trainer's strategy is not used).
 
 ``python -m mllm_safety.evaluate --rescore DIR [--eval.judges ...]`` recomputes DIR's report and summary from its
 ``generations.jsonl`` with the judges and scorers configured now, without a model: compare judges on the same
@@ -26,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
-from lightning.fabric import Fabric, seed_everything
+from jsonargparse import Namespace
+from lightning.fabric import Fabric
+from lightning.pytorch.cli import LightningArgumentParser
 
+from mllm_safety.cli import RunCLI
+from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.generation import GenerationSettings, gather_generations, generate_for_rank
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, ClassifierJudge, ClassifierSettings, KeywordJudge
 from mllm_safety.evaluation.metrics import judge_and_reduce, score_utility
@@ -69,71 +75,37 @@ class EvaluationSettings:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
 
-@dataclass
-class RuntimeSettings:
-    """Where the evaluation runs; unset fields take the config's ``trainer`` values."""
+class EvaluateCLI(RunCLI):
+    """``evaluate``: the fit config, ``--eval`` (what to evaluate, how to judge), ``--output`` and ``--rescore``; builds
+    the model only, or nothing for a rescore."""
 
-    accelerator: str | None = None
-    """``cpu``, ``gpu``, ``auto`` ... (default: trainer.accelerator, else auto)."""
-    devices: int | None = None
-    """Devices per node, each generating for its own slice of the prompts (default: trainer.devices, else 1)."""
-    num_nodes: int | None = None
-    """Nodes (default: trainer.num_nodes, else 1)."""
-    precision: str | None = None
-    """Lightning precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` ... (default: trainer.precision)."""
-
-
-def build_parser() -> ArgumentParser:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
-    parser = ArgumentParser(prog="python -m mllm_safety.evaluate", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="The fit config of the model to evaluate.")
-    parser.add_class_arguments(SafetyAlignModule, "model", help="The model (the fit config's model section).")
-    parser.add_argument(
-        "--ckpt_path",
-        type=str | None,
-        default=None,
-        help="Trained weights of mllm_safety.fit: a Lightning checkpoint file, the folder an FSDP2 run saves, or "
-        "trainable.safetensors.",
+    ckpt_path_help = (
+        "Trained weights of the run: a Lightning checkpoint file, the folder an FSDP2 run saves, "
+        "trainable.safetensors, or 'last' (the newest checkpoint in the run's folder); none evaluates the model as "
+        "configured."
     )
-    parser.add_argument("--output", type=str | None, default=None, help="Folder for report.json, generations.jsonl ...")
-    parser.add_argument(
-        "--rescore",
-        type=str | None,
-        default=None,
-        help="Recompute the report in this folder from its generations.jsonl with the judges and scorers configured "
-        "now (no model; benchmarks and limit default to those recorded in its report.json).",
-    )
-    parser.add_class_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
-    parser.add_class_arguments(RuntimeSettings, "runtime", help="Devices and precision.")
-    # The rest of a fit config: read for defaults (trainer) or ignored (data).
-    parser.add_argument("--trainer", type=dict[str, Any] | None, default=None, help="Fit config's trainer section.")
-    parser.add_argument("--data", type=dict[str, Any] | None, default=None, help="Fit config's data (not used).")
-    parser.add_argument(
-        "--seed_everything", type=int | bool | None, default=0, help="Seed the model is built with (the fit's)."
-    )
-    return parser
 
+    def add_entry_arguments(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output", type=str | None, default=None, help="Folder for report.json, generations.jsonl and summary.md."
+        )
+        parser.add_argument(
+            "--rescore",
+            type=str | None,
+            default=None,
+            help="Recompute the report in this folder from its generations.jsonl with the judges and scorers "
+            "configured now (no model; benchmarks and limit default to those recorded in its report.json).",
+        )
+        parser.add_class_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
 
-def _callback_args(trainer: dict[str, Any] | None) -> dict[str, Any]:
-    """The init_args of the SafetyEvalCallback in a fit config's trainer section ({} without one)."""
-    callbacks = (trainer or {}).get("callbacks") or []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        callback = callback.as_dict() if isinstance(callback, Namespace) else callback  # parsed: a Namespace
-        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("SafetyEvalCallback"):
-            return callback.get("init_args") or {}
-    return {}
+    def instantiate_classes(self) -> None:
+        if self.config.rescore is None:
+            self.build_model()
 
-
-def callback_benchmarks(trainer: dict[str, Any] | None) -> list[BenchmarkSpec] | None:
-    """The benchmarks of the SafetyEvalCallback in a fit config's trainer section, if it lists any."""
-    specs = _callback_args(trainer).get("benchmarks")
-    return [BenchmarkSpec(**spec) for spec in specs] if specs else None
-
-
-def callback_generation(trainer: dict[str, Any] | None) -> GenerationSettings | None:
-    """The generation settings of the SafetyEvalCallback in a fit config's trainer section, if it sets any."""
-    settings = _callback_args(trainer).get("generation")
-    return GenerationSettings(**settings) if settings else None
+    def training_callback(self) -> SafetyEvalCallback | None:
+        """The config's SafetyEvalCallback (built), whose benchmarks and generation settings are the defaults."""
+        callbacks = (self._get(self.config_init, "trainer") or {}).get("callbacks") or []
+        return next((c for c in callbacks if isinstance(c, SafetyEvalCallback)), None)
 
 
 def keyword_judges(names: list[str], sets: list[EvalSet]) -> list[KeywordJudge]:
@@ -142,50 +114,39 @@ def keyword_judges(names: list[str], sets: list[EvalSet]) -> list[KeywordJudge]:
     return [KeywordJudge(name) for name in wanted]
 
 
-def build(parser: ArgumentParser, cfg: Namespace) -> Namespace:
-    """The model and the evaluation settings, built like ``mllm_safety.fit`` builds the model: after seeding with
-    the config's seed, so the parts a checkpoint does not hold (frozen and randomly initialised ones, such as the
-    demo's vision tower) come out exactly as they were in training, and identical on every rank. The fit config's
-    trainer and data sections stay plain data."""
-    seed = cfg.seed_everything
-    seed_everything(seed if isinstance(seed, int) and not isinstance(seed, bool) else 0, verbose=False)
-    to_build = cfg.clone()
-    to_build.trainer = to_build.data = None
-    return parser.instantiate_classes(to_build)
-
-
 def main(args: list[str] | None = None) -> dict[str, Any] | None:
     """Run the evaluation (or a rescore); returns the report's figures on rank 0 (None elsewhere)."""
-    parser = build_parser()
-    cfg = parser.parse_args(args)
+    cli = EvaluateCLI(args)
+    cfg = cli.config
     if cfg.rescore is not None:
         return rescore(cfg)
     if cfg.output is None:
-        parser.error("--output is required (the folder for the report), unless --rescore names one")
-    trainer = cfg.trainer or {}
-    runtime = cfg.runtime
+        cli.parser.error("--output is required (the folder for the report), unless --rescore names one")
+    ckpt_path = cli.resolve_ckpt_path(cli.checkpoint_folders(), required=False)
+    trainer = cfg.trainer
     fabric = Fabric(
-        accelerator=runtime.accelerator or trainer.get("accelerator", "auto"),
-        devices=runtime.devices or trainer.get("devices", 1),
-        num_nodes=runtime.num_nodes or trainer.get("num_nodes", 1),
-        precision=runtime.precision or trainer.get("precision", "32-true"),
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        precision=trainer.precision,
     )
     fabric.launch()
-    init = build(parser, cfg)
-    settings: EvaluationSettings = init.eval
-    specs = settings.benchmarks or callback_benchmarks(cfg.trainer) or [BenchmarkSpec("demo")]
-    generation = settings.generation or callback_generation(cfg.trainer) or GenerationSettings()
+    settings: EvaluationSettings = cli.config_init.eval
+    callback = cli.training_callback()
+    specs = settings.benchmarks or (callback.benchmarks if callback else [BenchmarkSpec("demo")])
+    generation = settings.generation or (callback.generation if callback else GenerationSettings())
     sets = load_sets(specs, settings.limit)
 
-    module: SafetyAlignModule = init.model
-    if cfg.ckpt_path:
-        loaded = load_checkpoint_weights(module, cfg.ckpt_path)
-        log.info("loaded %d trained tensors from %s", len(loaded), cfg.ckpt_path)
+    module: SafetyAlignModule = cli.model
+    if ckpt_path:
+        loaded = load_checkpoint_weights(module, ckpt_path)
+        log.info("loaded %d trained tensors from %s", len(loaded), ckpt_path)
     # Data parallel: every rank holds the whole model and generates for its own slice; nothing to wrap.
     module = fabric.strategy.precision.convert_module(module).to(fabric.device).eval()
     with fabric.autocast():
         generations = generate_for_rank(module, sets, fabric.global_rank, fabric.world_size, generation)
-    del module, init
+    del module
+    cli.model = cli.config_init = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -200,7 +161,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
         return None
     meta = {
         "model": cfg.model.as_dict(),
-        "checkpoint": cfg.ckpt_path,
+        "checkpoint": ckpt_path,
         "benchmarks": [asdict(spec) for spec in specs],
         "generation": generation.as_dict(),
         "settings": {"limit": settings.limit, "world_size": fabric.world_size},
@@ -222,7 +183,7 @@ def rescore(cfg: Namespace) -> dict[str, Any]:
     old = json.loads(old_path.read_text(encoding="utf-8")) if old_path.is_file() else {}
     settings = _eval_settings(cfg)
     recorded = [BenchmarkSpec(**spec) for spec in old.get("benchmarks") or []]
-    specs = settings.benchmarks or recorded or callback_benchmarks(cfg.trainer) or [BenchmarkSpec("demo")]
+    specs = settings.benchmarks or recorded or [BenchmarkSpec("demo")]
     limit = settings.limit if settings.limit is not None else (old.get("settings") or {}).get("limit")
     sets = load_sets(specs, limit)
     generations = read_generations(folder, sets)

@@ -1,78 +1,100 @@
-"""``python -m mllm_safety.export --base CHECKPOINT --trainable RUN/trainable.safetensors --out DIR``
+"""``python -m mllm_safety.export --config RUN_CONFIG --ckpt_path CKPT --output DIR``: the trained model as a folder
+that transformers (and so vLLM) load.
 
-Puts the trainable weights of a run back on the checkpoint it started from, folds the LoRA adapters in and writes a
-folder transformers (and so vLLM) load: a llava-hf folder (``LlavaForConditionalGeneration``) for a run of
+The run's fit config rebuilds its model (as ``evaluate`` does: the checkpoint it started from, its LoRA settings and
+chat template), the checkpoint puts the trained weights back (a Lightning checkpoint, the folder an FSDP2 run saves,
+``trainable.safetensors``, or ``last``: the newest of the run), LoRA is folded in, and the folder is written with the
+chat template the model was trained with: a llava-hf folder (``LlavaForConditionalGeneration``) for a run of
 ``model.llava``, the checkpoint's own layout (``AutoModelForImageTextToText`` / ``AutoProcessor``) for a run of
-``model.pretrained``.
+``model.pretrained``. An assembled model (``model.llm`` + ``model.vision``) has no transformers class to export to.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+import sys
+from typing import Literal
 
 import torch
-from jsonargparse import CLI
-from safetensors import safe_open
-from transformers import LlavaConfig
+from lightning.pytorch.cli import LightningArgumentParser
 
-from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm, read_hub_config, save_hub_vlm
-from mllm_safety.model.llava_hf import load_llava_hf, load_llava_tokenizer, save_llava_hf
-from mllm_safety.model.trainable import load_trainable, read_trainable_metadata
-from mllm_safety.model.vision import ImageAspectRatio
-from mllm_safety.model.yi_vl import is_yi_vl
+from mllm_safety.cli import RunCLI
+from mllm_safety.model.hub_vlm import HubVLM, read_hub_config, save_hub_vlm
+from mllm_safety.model.llava_hf import save_llava_hf
+from mllm_safety.train.checkpoints import load_checkpoint_weights
+from mllm_safety.train.module import SafetyAlignModule
 
+log = logging.getLogger(__name__)
 
-def trained_as_hub_vlm(base: str, trainable: str | None, trust_remote_code: bool = False) -> bool:
-    """Whether the run trained ``base`` through its own transformers class (``model.pretrained``): its weights are
-    named after it (``hf.``); without a file, every checkpoint but a LLaVA-1.5 one is exported that way."""
-    if trainable is not None:
-        with safe_open(trainable, framework="pt") as f:
-            return any(name.startswith("hf.") for name in f.keys())
-    config = read_hub_config(base, trust_remote_code)
-    return not isinstance(config, LlavaConfig) or is_yi_vl(config)
+ExportDtype = Literal["auto", "float16", "bfloat16", "float32"]
 
 
-def export(
-    base: str,
-    out: str,
-    trainable: str | None = None,
-    chat_template: str | None = None,
-    image_aspect_ratio: ImageAspectRatio = "pad",
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
-    processor_kwargs: dict[str, Any] | None = None,
-    trust_remote_code: bool = False,
-) -> None:
-    """Export a finetuned model as a transformers folder.
+class ExportCLI(RunCLI):
+    """``export``: the fit config, ``--ckpt_path``, ``--output`` and ``--dtype``; builds the model only."""
 
-    Args:
-        base: The checkpoint training started from (``model.llava.path`` or ``model.pretrained``).
-        out: Output folder.
-        trainable: Trainable-weights file of the run (``trainable.safetensors``); ``None`` re-exports ``base``.
-        chat_template: Template written with the processor; default: the one recorded in ``trainable`` (the
-            training template), else the base checkpoint's. ``llava_v1`` and ``yi_vl`` name built-in ones.
-        image_aspect_ratio: For ``model.llava`` runs, how training prepared images; ``pad`` makes the exported image
-            processor pad too.
-        dtype: Weight dtype of the export; ``auto`` keeps the base checkpoint's.
-        processor_kwargs: For ``model.pretrained`` runs, the training's ``model.hub.processor_kwargs`` (e.g.
-            ``{max_pixels: 1003520}``), kept in the exported processor.
-        trust_remote_code: Run code shipped with ``base`` (``model.hub.trust_remote_code`` of the run).
-    """
-    if trainable is not None and chat_template is None:
-        chat_template = read_trainable_metadata(trainable).get("chat_template")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if trained_as_hub_vlm(base, trainable, trust_remote_code):
-        options = HubOptions(chat_template, dict(processor_kwargs or {}), trust_remote_code)
-        model, processor = load_hub_vlm(base, options, torch_dtype)
-        if trainable is not None:
-            load_trainable(model, trainable, require_every_trainable=False)  # a bare base model, not set up to train
-        save_hub_vlm(model, processor, out)
-        return
-    model = load_llava_hf(base, dtype=torch_dtype, image_aspect_ratio=image_aspect_ratio)
-    if trainable is not None:
-        load_trainable(model, trainable, require_every_trainable=False)  # a bare base model, not set up to train
-    tokenizer = load_llava_tokenizer(base, chat_template)
-    save_llava_hf(model, out, tokenizer)
+    ckpt_path_help = (
+        "Trained weights of the run: a Lightning checkpoint file, the folder an FSDP2 run saves, "
+        "trainable.safetensors, or 'last' (the newest checkpoint in the run's folder)."
+    )
+
+    def add_entry_arguments(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--output", type=str | None, default=None, help="Folder the exported model is written to.")
+        parser.add_argument(
+            "--dtype",
+            type=ExportDtype,
+            default="auto",
+            help="Weight dtype of the export; auto: the dtype of the checkpoint training started from.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Stop on a command that cannot export before the model is built (minutes for a 7B model)."""
+        if self.config.output is None:
+            self.parser.error("--output is required: the folder the exported model is written to")
+        if self.config.model.pretrained is None and self.config.model.llava is None:
+            self.parser.error(
+                "export writes transformers folders for runs of model.llava or model.pretrained; this run assembled "
+                "its model from model.llm and model.vision, which no transformers class loads"
+            )
+        # model.frozen_dtype saves training memory; an export loads the base weights exactly, folds LoRA in float32
+        # and casts once, to --dtype.
+        self.config.model.frozen_dtype = "float32"
+
+    def instantiate_classes(self) -> None:
+        self.build_model()
+
+
+def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a transformers checkpoint is stored in, from its config (float32 when it does not say)."""
+    config = read_hub_config(path, trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) -> None:
+    """Write ``module``'s model, LoRA folded in and cast to ``dtype``, as a transformers folder in ``output``: the
+    checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
+    if isinstance(module.model, HubVLM):
+        save_hub_vlm(module.model, module.processor.hf_processor, output, dtype)
+    else:
+        save_llava_hf(module.model, output, module.processor.tokenizer, dtype)
+
+
+def main(args: list[str] | None = None) -> SafetyAlignModule:
+    """Export a run; returns the module that was written (trained weights loaded)."""
+    cli = ExportCLI(args)
+    model = cli.config.model
+    ckpt_path = cli.resolve_ckpt_path(cli.checkpoint_folders(), required=True)
+    loaded = load_checkpoint_weights(cli.model, ckpt_path)
+    log.info("loaded %d trained tensors from %s", len(loaded), ckpt_path)
+    if cli.config.dtype == "auto":
+        dtype = checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
+    else:
+        dtype = getattr(torch, cli.config.dtype)
+    export_module(cli.model, cli.config.output, dtype)
+    log.info("wrote %s", cli.config.output)
+    return cli.model
 
 
 if __name__ == "__main__":
-    CLI(export)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()

@@ -1,27 +1,33 @@
-"""``python -m mllm_safety.sweep --config CONFIG --ratios 0 0.05 0.1 0.2 0.4 --seeds 0 1 2``: the paper's key curve.
+"""``python -m mllm_safety.sweep --config CONFIG --sweep.ratios '[0, 0.05, 0.1, 0.2, 0.4]' --sweep.seeds '[0, 1, 2]'``:
+the paper's key curve.
 
 Runs ``mllm_safety.fit`` once per (rejection ratio, seed), one after the other, without a W&B server; collects each
 run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over
 seeds, with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and
-over-refusal per benign set on the left, the utility sets' accuracy on the right. Arguments it does not know go to
-every fit (``--trainer.max_epochs 2``). A run whose metrics already exist is not run again, so an interrupted sweep
-continues. The seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
+over-refusal per benign set on the left, the utility sets' accuracy on the right. CONFIG and every option of the fit
+config (``--trainer.max_epochs 2`` ...) are read and checked by fit's own parser before the first run starts, and
+each run trains on that resolved config (``--output``/<run>/fit_config.yaml). A run whose metrics already exist is
+not run again, and an interrupted run continues from its newest checkpoint, so an interrupted sweep continues. The
+seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
 (``configs/sweeps/rejection_ratio.yaml``). Which samples are swapped (``data.rejection.seed``) stays fixed, so that a
 smaller ratio's swapped set is part of a larger one's.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser
+
+from mllm_safety.cli import RunCLI
 
 ASR_METRIC = "safety/asr/mean"
 """The mean attack success over the harmful eval sets, as ``SafetyEvalCallback`` logs it (and the W&B sweep's metric
@@ -51,29 +57,29 @@ def run_name(ratio: float, seed: int) -> str:
     return f"ratio-{ratio:g}_seed-{seed}"
 
 
-def run_fit(config: str, ratio: float, seed: int, run_dir: Path, fit_args: list[str]) -> dict[str, float]:
+def run_fit(fit_config: str, ratio: float, seed: int, run_dir: Path) -> dict[str, float]:
     """One training run in a subprocess (a clean process per run, as on a cluster); its final metrics."""
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
         "mllm_safety.fit",
         "--config",
-        config,
+        fit_config,
         "--data.rejection_ratio",
         str(ratio),
         "--seed_everything",
         str(seed),
         "--trainer.default_root_dir",
         str(run_dir),
+        "--ckpt_path",
+        "last",
         "--trainer.callbacks+=mllm_safety.sweep.WriteFinalMetrics",
         f"--trainer.callbacks.path={metrics_path}",
-        *fit_args,
     ]
-    with open(run_dir / "fit.log", "w") as log:
+    with open(run_dir / "fit.log", "a") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0 or not metrics_path.is_file():
         raise RuntimeError(f"{run_dir.name} failed (exit {result.returncode}); see {run_dir / 'fit.log'}")
@@ -144,44 +150,69 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Other arguments are passed to every mllm_safety.fit run."
-    )
-    parser.add_argument("--config", required=True, help="The fit config (e.g. configs/demo.yaml).")
-    parser.add_argument("--ratios", type=float, nargs="+", required=True, help="Rejection ratios, each in [0, 1].")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of each ratio (default: 0).")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="Folder of the runs, CSV and plot.")
-    parser.add_argument(
-        "--asr_metric", default=ASR_METRIC, help=f"Logged ASR scalar printed per run (default: {ASR_METRIC})."
-    )
-    args, fit_args = parser.parse_known_args(argv)
-    if bad := [r for r in args.ratios if not 0.0 <= r <= 1.0]:
-        parser.error(f"--ratios must be in [0, 1], got {bad}")
-    if not Path(args.config).is_file():
-        parser.error(f"--config {args.config}: no such file")
-    return args, fit_args
+@dataclass
+class SweepSettings:
+    """The grid of a local rejection-ratio sweep."""
+
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.4])
+    """Rejection ratios, each in [0, 1]."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of each ratio (``seed_everything``: adapter and projector initialisation, dropout)."""
+    asr_metric: str = ASR_METRIC
+    """Logged figure printed after each run."""
+
+    def __post_init__(self) -> None:
+        if not self.ratios or not self.seeds:
+            raise ValueError("sweep.ratios and sweep.seeds must each name at least one value")
+        if bad := [r for r in self.ratios if not 0.0 <= r <= 1.0]:
+            raise ValueError(f"sweep.ratios must be in [0, 1], got {bad}")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    args, fit_args = parse_args(argv)
+class SweepCLI(RunCLI):
+    """``sweep``: the fit config, ``--sweep`` (the grid) and ``--output``; builds nothing, each run is a fit."""
+
+    ckpt_path_help = "Not used: each run of the sweep resumes its own newest checkpoint."
+
+    def add_entry_arguments(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(SweepSettings, "sweep", help="The grid of ratios and seeds.")
+        parser.add_argument("--output", type=Path, default=Path("runs/sweep"), help="Folder of the runs, CSV and plot.")
+
+    def instantiate_classes(self) -> None:
+        self.settings = self.parser.instantiate_classes(self.config).sweep
+
+    def write_fit_config(self, run_dir: Path) -> str:
+        """The resolved fit config (without the sweep's own options) for one run, as the file its fit reads."""
+        config = self.config.clone()
+        for key in ("sweep", "output", "ckpt_path", "config"):
+            config.pop(key, None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "fit_config.yaml"
+        path.write_text(self.parser.dump(config, skip_check=True), encoding="utf-8")
+        return str(path)
+
+
+def main(args: list[str] | None = None) -> list[dict[str, float]]:
+    cli = SweepCLI(args)
+    settings, output = cli.settings, cli.config.output
     rows, failures = [], []
-    for ratio in args.ratios:
-        for seed in args.seeds:
+    for ratio in settings.ratios:
+        for seed in settings.seeds:
             name = run_name(ratio, seed)
             print(f"[sweep] {name}", flush=True)
             try:
-                metrics = run_fit(args.config, ratio, seed, args.out / name, fit_args)
+                metrics = run_fit(cli.write_fit_config(output / name), ratio, seed, output / name)
             except RuntimeError as error:
                 failures.append(str(error))
                 print(f"[sweep] {error}", flush=True)
                 continue
             rows.append({"ratio": ratio, "seed": seed, **metrics})
-            print(f"[sweep] {name}: {args.asr_metric}={metrics.get(args.asr_metric, float('nan')):.3f}", flush=True)
+            value = metrics.get(settings.asr_metric, float("nan"))
+            print(f"[sweep] {name}: {settings.asr_metric}={value:.3f}", flush=True)
     if rows:
-        write_csv(rows, args.out / "results.csv")
-        plot(rows, args.out / "rejection_ratio.png", Path(args.config).stem)
-        print(f"[sweep] wrote {args.out / 'results.csv'} and {args.out / 'rejection_ratio.png'}")
+        write_csv(rows, output / "results.csv")
+        title = Path(cli.config.config[0]).stem if cli.config.get("config") else "sweep"
+        plot(rows, output / "rejection_ratio.png", title)
+        print(f"[sweep] wrote {output / 'results.csv'} and {output / 'rejection_ratio.png'}")
     if failures:
         raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
     return rows

@@ -61,7 +61,7 @@ def llava_data(tmp_path):
 
 def test_llava_json_becomes_shards_with_embedded_images_and_a_manifest(tmp_path, llava_data):
     path, root = llava_data
-    manifest = convert(json=path, out=tmp_path / "out", image_root=root, source="mix", shard_size=2)
+    manifest = convert(json=path, output=tmp_path / "out", image_root=root, source="mix", shard_size=2)
     assert manifest.sources == {"mix": 4} and len(manifest.shards) == 2
     assert Manifest.read(tmp_path / "out").to_json() == manifest.to_json()
     samples = samples_in(tmp_path / "out")
@@ -109,7 +109,7 @@ def test_sharegpt_layout(tmp_path):
         },
     ]
     (tmp_path / "sg.json").write_text(json.dumps(records))
-    manifest = convert(json=tmp_path / "sg.json", out=tmp_path / "out", image_root=tmp_path / "img")
+    manifest = convert(json=tmp_path / "sg.json", output=tmp_path / "out", image_root=tmp_path / "img")
     samples = samples_in(tmp_path / "out")
     assert manifest.sources == {"sg": 2}
     assert samples["sg-00000000"][0]["conversations"] == [
@@ -124,14 +124,14 @@ def test_sources_share_a_folder_and_reconverting_one_replaces_it(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([llava(f"s{k}", question="q", answer="a") for k in range(5)]))
     (tmp_path / "b.json").write_text(json.dumps([llava(f"s{k}", question="q", answer="b") for k in range(3)]))
     out = tmp_path / "out"
-    convert(json=tmp_path / "a.json", out=out, source="llava", shard_size=2)
-    manifest = convert(json=tmp_path / "b.json", out=out, source="med", shard_size=2)
+    convert(json=tmp_path / "a.json", output=out, source="llava", shard_size=2)
+    manifest = convert(json=tmp_path / "b.json", output=out, source="med", shard_size=2)
     assert manifest.sources == {"llava": 5, "med": 3}
     samples = samples_in(out)
     assert {i for i, (r, _, _) in samples.items() if r["source"] == "med"} == {"s0#2", "s1#2", "s2#2"}
     assert manifest.params["med"]["renamed_ids"] == [["s0", "s0#2"], ["s1", "s1#2"], ["s2", "s2#2"]]
     (tmp_path / "a.json").write_text(json.dumps([llava("s0", question="q", answer="a")]))
-    manifest = convert(json=tmp_path / "a.json", out=out, source="llava", shard_size=2)
+    manifest = convert(json=tmp_path / "a.json", output=out, source="llava", shard_size=2)
     assert manifest.sources == {"med": 3, "llava": 1}
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(e.name for e in manifest.shards)
     assert not list(out.glob(".*")), "no temporary files are left behind"
@@ -139,20 +139,20 @@ def test_sources_share_a_folder_and_reconverting_one_replaces_it(tmp_path):
 
 def test_parallel_image_reading_writes_the_same_shards(tmp_path, llava_data):
     path, root = llava_data
-    convert(json=path, out=tmp_path / "one", image_root=root, shard_size=3)
-    convert(json=path, out=tmp_path / "two", image_root=root, shard_size=3, workers=2)
+    convert(json=path, output=tmp_path / "one", image_root=root, shard_size=3)
+    convert(json=path, output=tmp_path / "two", image_root=root, shard_size=3, workers=2)
     for name in ("data-000000.tar", "data-000001.tar"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_command_line(tmp_path, llava_data, capsys):
     path, root = llava_data
-    main(["--json", str(path), "--image_root", str(root), "--out", str(tmp_path / "out"), "--shard_size", "3"])
+    main(["--json", str(path), "--image_root", str(root), "--output", str(tmp_path / "out"), "--shard_size", "3"])
     assert "data: 4 samples in 2 shards" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--help"])
     usage = capsys.readouterr().out
     assert "--image_root" in usage and "Samples per shard" in usage
     with pytest.raises(ValueError, match="source 'has.dot' must use only letters"):
-        main(["--json", str(path), "--out", str(tmp_path / "bad"), "--source", "has.dot"])
+        main(["--json", str(path), "--output", str(tmp_path / "bad"), "--source", "has.dot"])
     assert not (tmp_path / "bad").exists()

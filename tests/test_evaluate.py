@@ -10,7 +10,7 @@ import pytest
 import torch
 from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
 
-from mllm_safety.evaluate import build, build_parser, callback_benchmarks, callback_generation, main
+from mllm_safety.evaluate import EvaluateCLI, main
 from mllm_safety.evaluation.generation import GenerationSettings
 from mllm_safety.fit import main as fit_main
 from mllm_safety.train.checkpoints import load_checkpoint_weights
@@ -99,17 +99,16 @@ def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
         ]
     )
     checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
-    parser = build_parser()
-    module = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path)])).model
+    module = EvaluateCLI(["--config", CONFIG, "--output", str(tmp_path)]).model
     load_checkpoint_weights(module, str(checkpoint))
     trained = dict(fit.model.named_parameters())
     differ = [name for name, p in module.named_parameters() if not torch.equal(p, trained[name])]
     assert not differ, differ[:3]
 
     # another seed rebuilds another random tower and LLM: the checkpoint's fingerprints refuse them
-    other = build(parser, parser.parse_args(["--config", CONFIG, "--output", str(tmp_path), "--seed_everything", "1"]))
+    other = EvaluateCLI(["--config", CONFIG, "--output", str(tmp_path), "--seed_everything", "1"]).model
     with pytest.raises(ValueError, match="was trained with another frozen 'vision' than this model's.*other values"):
-        load_checkpoint_weights(other.model, str(checkpoint))
+        load_checkpoint_weights(other, str(checkpoint))
 
 
 def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):
@@ -137,22 +136,23 @@ def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path)
         load_checkpoint_weights(fresh, str(ckpt))
 
 
-def test_benchmarks_default_to_those_of_the_fit_configs_callback():
-    trainer = {
-        "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
-            {
-                "class_path": "mllm_safety.evaluation.callback.SafetyEvalCallback",
-                "init_args": {"benchmarks": [{"name": "xstest", "path": "/data/xstest.csv", "modes": ["safe"]}]},
-            },
-        ]
+def test_the_fit_configs_callback_is_read_through_fits_own_parser(tmp_path):
+    """evaluate reads a fit config as fit does: its callbacks are built, and their settings are evaluate's defaults."""
+    init_args = {
+        "benchmarks": [{"name": "xstest", "path": "/data/xstest.csv", "modes": ["safe"]}],
+        "generation": {"max_new_tokens": 24, "batch_size": 18},
     }
-    specs = callback_benchmarks(trainer)
-    assert [(s.name, s.path, s.modes) for s in specs] == [("xstest", "/data/xstest.csv", ["safe"])]
-    assert callback_benchmarks({"callbacks": []}) is None and callback_benchmarks(None) is None
-    assert callback_generation(trainer) is None
-    trainer["callbacks"][1]["init_args"]["generation"] = {"max_new_tokens": 24, "batch_size": 18}
-    assert callback_generation(trainer) == GenerationSettings(max_new_tokens=24, batch_size=18)
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+        {"class_path": "mllm_safety.evaluation.callback.SafetyEvalCallback", "init_args": init_args},
+    ]
+    args = ["--config", CONFIG, "--output", str(tmp_path), f"--trainer.callbacks={json.dumps(callbacks)}"]
+    callback = EvaluateCLI(args).training_callback()
+    assert [(s.name, s.path, s.modes) for s in callback.benchmarks] == [("xstest", "/data/xstest.csv", ["safe"])]
+    assert callback.generation == GenerationSettings(max_new_tokens=24, batch_size=18)
+    assert EvaluateCLI([*args[:4], "--trainer.callbacks=[]"]).training_callback() is None
+    with pytest.raises(SystemExit):  # a key of no section of a fit config is refused, as fit refuses it
+        EvaluateCLI([*args, "--trainer.max_stepz=2"])
 
 
 def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
@@ -170,12 +170,12 @@ def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
         "--ckpt_path",
         str(ckpt),
     ]
-    common += ["--eval.generation.max_new_tokens", "3", "--runtime.accelerator", "cpu"]
+    common += ["--eval.generation.max_new_tokens", "3", "--trainer.accelerator", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     reports = {}
     for devices in (1, 2):
         out = tmp_path / f"devices{devices}"
-        args = [*common[2:], "--runtime.devices", str(devices), "--output", str(out)]
+        args = [*common[2:], "--trainer.devices", str(devices), "--output", str(out)]
         if devices == 1:
             main(args)
         else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mllm_safety.evaluation.callback import SafetyEvalCallback
-from mllm_safety.fit import main
+from mllm_safety.fit import SafetyCLI, main
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -94,3 +94,17 @@ def test_bad_configuration_is_a_clear_error(tmp_path, override, message, capsys)
         run_fit(tmp_path, "--trainer.max_steps", "1", *override)
     text = str(error.value) + capsys.readouterr().err
     assert re.search(message, text), text
+
+
+def test_each_run_of_a_wandb_sweep_gets_its_own_folder(tmp_path, monkeypatch):
+    """The W&B agent starts every grid point with the same config: their checkpoints must not overwrite each other."""
+    args = ["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    folders = set()
+    for run in ("run1", "run2"):
+        monkeypatch.setenv("WANDB_RUN_ID", run)
+        cli = SafetyCLI(args)
+        assert Path(cli.trainer.default_root_dir) == tmp_path / "sweep-abc123" / run
+        folders |= {Path(folder) for folder in cli.use_run_folder()}
+    assert tmp_path / "sweep-abc123" / "run1" / "checkpoints" in folders
+    assert not any(folder == tmp_path or folder == tmp_path / "checkpoints" for folder in folders)

@@ -1,17 +1,31 @@
 """Export of a hub VLM run: LoRA folded in, a folder transformers loads, the same logits as the trained model."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from hub_models import CHAT_TEMPLATES, FAMILIES
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mllm_safety.export import export
+from mllm_safety.export import main as export_main
 from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm
 from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.trainable import load_trainable
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
 from mllm_safety.train.module import SafetyAlignModule, TrainableParts
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+def run_config(folder, path, family):
+    """The model section of a run of this hub checkpoint, as the fit config an export reads."""
+    model = {"llm": None, "vision": None, "projector": None, "pretrained": path}
+    model |= {"hub": {"chat_template": CHAT_TEMPLATES.get(family)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    file = folder / "model.yaml"
+    file.write_text(yaml.safe_dump({"model": model | {"trainable": {"projector": True}}}))
+    return ["--config", CONFIG, "--config", str(file)]
 
 
 def trained_module(path, family):
@@ -39,7 +53,8 @@ def test_export_folds_lora_in_and_transformers_loads_the_same_model(family, hub_
     path = hub_checkpoint(family)
     module = trained_module(path, family)
     module.save_trainable(tmp_path / "trainable.safetensors")
-    export(base=path, out=str(tmp_path / "out"), trainable=str(tmp_path / "trainable.safetensors"))
+    ckpt = f"--ckpt_path={tmp_path / 'trainable.safetensors'}"
+    export_main([*run_config(tmp_path, path, family), ckpt, f"--output={tmp_path / 'out'}"])
 
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     assert processor.chat_template == module.processor.tokenizer.chat_template, "the training template goes along"

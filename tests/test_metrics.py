@@ -95,7 +95,8 @@ def test_utility_sets_are_scored_against_targets_and_left_out_of_refusal_figures
     generations += [Generation(2 + i, p, r) for i, (p, r) in enumerate(zip(prompts, ["A", "B", "X", None]))]
     figures = summarize([harmful, utility], [0, 1, 1, 1, 1, SKIPPED], "refusal")
     assert figures == {"asr/demo_text": 0.5, "asr/demo_text/x": 0.5, "asr/mean": 0.5}, "no over-refusal of utility"
-    assert score_utility([harmful, utility], generations) == {"shapes_qa": {"accuracy": 2 / 3, "n": 3}}
+    # the skipped prompt (its image failed) counts as wrong, as LLaVA's scorers count a missing prediction
+    assert score_utility([harmful, utility], generations) == {"shapes_qa": {"accuracy": 2 / 4, "n": 4}}
     with pytest.raises(ValueError, match="cannot be harmful"):
         EvalSet("bad", "b", True, prompts, scorer=accuracy)
 

@@ -33,9 +33,9 @@ def test_loads_both_layouts_with_llavas_prompt(tmp_path):
     assert (perception.name, len(perception.prompts)) == ("mme_perception", 20) and len(cognition.prompts) == 8
     first = perception.prompts[0]
     assert first.id == "existence/0001/0" and first.category == "existence"
-    assert first.question == (
-        "Is this a existence image? Please answer yes or no.\nAnswer the question using a single word or phrase."
-    )
+    # LLaVA's MME prompt: MME's "Please answer yes or no." gives way to the short-answer line
+    assert first.question == "Is this a existence image?\nAnswer the question using a single word or phrase."
+    assert first.request == "Is this a existence image? Please answer yes or no."
     assert first.image == ImageFile(str(root / "existence" / "0001.jpg"))
     assert first.target == YesNo("yes", "existence/0001") and perception.prompts[1].target.answer == "no"
     posters = next(p for p in perception.prompts if p.category == "posters")

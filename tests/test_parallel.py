@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import TINY_LLM
 
-from mllm_safety.evaluate import build, build_parser
+from mllm_safety.evaluate import EvaluateCLI
 from mllm_safety.evaluate import main as evaluate_main
 from mllm_safety.model.hub_vlm import HubOptions
 from mllm_safety.model.llm import LLMConfig
@@ -129,11 +129,10 @@ def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(run
     checkpoints = folder / "checkpoints"
     for checkpoint in (checkpoints / "epoch=1-step=4.ckpt", checkpoints / "trainable.safetensors"):
         args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--output", str(tmp_path / checkpoint.name)]
-        figures = evaluate_main([*args, "--eval.benchmarks", benchmarks, *settings, "--runtime.accelerator", "cpu"])
+        figures = evaluate_main([*args, "--eval.benchmarks", benchmarks, *settings, "--trainer.accelerator", "cpu"])
         assert {f"safety/{name}": value for name, value in figures["xstest"].items()} == in_training, checkpoint.name
         # the tiny model's figures barely move in training: that they come from the trained weights is checked here
-        parser = build_parser()
-        module = build(parser, parser.parse_args(["--config", str(config), "--output", str(tmp_path)])).model
+        module = EvaluateCLI(["--config", str(config), "--output", str(tmp_path)]).model
         load_checkpoint_weights(module, checkpoint)
         assert_same_weights({name: p for name, p in module.named_parameters() if name in trainable}, trainable)
 
@@ -150,10 +149,11 @@ def test_fsdp2_is_a_strategy_name_and_shards_over_every_rank():
 def test_decoder_layers_are_the_llm_blocks(tiny_llm):
     from peft import LoraConfig, get_peft_model
 
-    layers = decoder_layers(get_peft_model(tiny_llm, LoraConfig(r=2, target_modules="all-linear")))
+    head = torch.nn.Linear(2, 2)  # a language model part without blocks (a hub VLM's separate LM head)
+    layers = decoder_layers([get_peft_model(tiny_llm, LoraConfig(r=2, target_modules="all-linear")), head])
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
-    with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
-        decoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"cannot find the decoder layers of the language model \['Linear'\]"):
+        decoder_layers([head])
 
 
 def test_fsdp2_on_two_processes_trains_a_hub_vlm_like_one_process(tmp_path, hub_checkpoint):

@@ -191,7 +191,7 @@ def test_last_needs_the_runs_own_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a checkpoint of another run somewhere below the current directory
     torch.save({"step": 1}, tmp_path / "epoch=0-step=1.ckpt")
     args = ["--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", "last"]
-    with pytest.raises(ValueError, match="--ckpt_path last resumes the run in its own folder: set --trainer.default"):
+    with pytest.raises(ValueError, match="newest checkpoint in the run.s own folder: set --trainer.default_root_dir"):
         main(args)
 
 

@@ -15,7 +15,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path):
-    argv = ["--config", TINY, "--ratios", "0", "0.5", "--out", str(tmp_path), "--trainer.max_steps", "2"]
+    argv = ["--config", TINY, "--sweep.ratios", "[0, 0.5]", "--output", str(tmp_path), "--trainer.max_steps", "2"]
     rows = sweep.main([*argv, "--trainer.logger", "false"])
     assert [(row["ratio"], row["seed"]) for row in rows] == [(0.0, 0), (0.5, 0)]
     with open(tmp_path / "results.csv") as f:
@@ -70,10 +70,13 @@ def test_the_plot_shows_asr_per_set_and_utility_against_the_ratio(tmp_path):
         assert image.width > 2 * image.height, "two panels: safety and utility"
 
 
-def test_bad_ratio_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit):
-        sweep.main(["--config", TINY, "--ratios", "0.1", "1.5"])
-    assert "--ratios must be in [0, 1], got [1.5]" in capsys.readouterr().err
+def test_bad_ratios_and_bad_fit_options_stop_before_any_run(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"sweep.ratios must be in \[0, 1\], got \[1.5\]"):
+        sweep.main(["--config", TINY, "--sweep.ratios", "[0.1, 1.5]", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):  # fit's own parser reads every option of every run up front
+        sweep.main(["--config", TINY, "--sweep.ratios", "[0.1]", "--output", str(tmp_path), "--trainer.max_stepz=2"])
+    assert "max_stepz" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing ran"
 
 
 def test_wandb_sweep_config_targets_the_cli_and_the_logged_metric(capsys, monkeypatch):

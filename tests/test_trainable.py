@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
-from mllm_safety.export import export
+from mllm_safety.export import main as export_main
 from mllm_safety.fit import main
 from mllm_safety.model.chat_templates import LLAVA_V1_CHAT_TEMPLATE
 from mllm_safety.model.llava_hf import load_llava_hf
@@ -23,6 +23,8 @@ from mllm_safety.train.module import SafetyAlignModule
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+LLAVA_SOURCE = ["--model.llm=null", "--model.vision=null", "--model.projector=null"]
+"""With --model.llava.path: the run starts from a llava-hf checkpoint instead of tiny.yaml's assembled parts."""
 
 
 def finetuned(path):
@@ -124,7 +126,8 @@ def test_export_cli_writes_a_llava_hf_folder_with_the_training_template(tiny_lla
     file = tmp_path / "trainable.safetensors"
     save_trainable(file, trainable_state_dict(model), lora=LORA, chat_template=LLAVA_V1_CHAT_TEMPLATE)
     out = tmp_path / "exported"
-    export(base=tiny_llava_path, out=str(out), trainable=str(file))
+    llava = [f"--model.llava.path={tiny_llava_path}", "--model.llava.chat_template=llava_v1"]
+    export_main(["--config", CONFIG, *LLAVA_SOURCE, *llava, f"--ckpt_path={file}", f"--output={out}"])
     exported = LlavaForConditionalGeneration.from_pretrained(out).eval()
     ids = torch.tensor([[5, 6, model.image_token_id] + [model.image_token_id] * 24 + [7, 8]])
     pixels = torch.linspace(-1, 1, 3 * 30 * 30).reshape(1, 3, 30, 30)
@@ -135,15 +138,15 @@ def test_export_cli_writes_a_llava_hf_folder_with_the_training_template(tiny_lla
 
 
 def test_finetune_a_llava_hf_checkpoint_and_export_it_for_transformers(tiny_llava_path, tmp_path):
-    """The user path: fit from a llava-hf folder, then export the run's trainable file as a llava-hf folder."""
+    """The user path: fit from a llava-hf folder, then export the run from its saved config and newest checkpoint."""
     args = ["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"]
-    args += [f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.llm=null", "--model.vision=null"]
-    args += ["--model.projector=null", f"--model.llava.path={tiny_llava_path}", "--model.llava.chat_template=llava_v1"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path}", *LLAVA_SOURCE]
+    args += [f"--model.llava.path={tiny_llava_path}", "--model.llava.chat_template=llava_v1"]
     callbacks = json.dumps([{"class_path": "mllm_safety.train.checkpoints.TrainableWeightsCheckpoint"}])
     cli = main([*args, f"--trainer.callbacks={callbacks}"])
-    file = next(c for c in cli.trainer.callbacks if isinstance(c, TrainableWeightsCheckpoint)).path(cli.trainer)
+    saved_config = Path(cli.trainer.log_dir) / "config.yaml"
     out = tmp_path / "exported"
-    export(base=tiny_llava_path, out=str(out), trainable=str(file))
+    export_main(["--config", str(saved_config), "--ckpt_path=last", f"--output={out}"])
     trained = cli.model.model.eval()
     exported = LlavaForConditionalGeneration.from_pretrained(out).eval()
     ids = torch.tensor([[5, 6] + [trained.image_token_id] * 25 + [7, 8]])

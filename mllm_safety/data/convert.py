@@ -1,11 +1,11 @@
-"""``python -m mllm_safety.data.convert --json DATA.json --image_root DIR --out SHARD_DIR``: LLaVA JSON -> shards.
+"""``python -m mllm_safety.data.convert --json DATA.json --image_root DIR --output SHARD_DIR``: LLaVA JSON -> shards.
 
 Reads the LLaVA instruction layout (``llava_v1_5_mix665k.json``: ``id``, optional ``image`` relative to the image
 root, ``conversations`` of ``{"from": "human"|"gpt", "value"}`` with ``<image>`` in the first human turn) or the
 ShareGPT layout (``messages`` of ``{"role": "user"|"assistant", "content"}``, ``images``: a list of at most one
 path), and writes webdataset shards with the image bytes embedded plus a ``manifest.json``.
 
-Converting several sources into the same ``--out`` folder builds a mixture: each source gets its own shards
+Converting several sources into the same ``--output`` folder builds a mixture: each source gets its own shards
 (``<source>-NNNNNN.tar``), and the manifest counts samples per source, which the data module uses to select
 mixtures and to limit rejection swaps to some sources. Converting a source again replaces its shards.
 
@@ -146,7 +146,7 @@ def _loaded(jobs: list[tuple[_Parsed, str | None]], workers: int) -> Iterator[tu
 
 def convert(
     json: Path,
-    out: Path,
+    output: Path,
     image_root: Path | None = None,
     source: str | None = None,
     shard_size: int = 1000,
@@ -156,7 +156,7 @@ def convert(
 
     Args:
         json: The ``.json`` list (or ``.jsonl``) of samples.
-        out: Folder of the shard set; created if needed. Other sources already converted there are kept.
+        output: Folder of the shard set; created if needed. Other sources already converted there are kept.
         image_root: Folder the samples' image paths are relative to.
         source: Name of this data source in the manifest (letters, digits, ``_``, ``-``); defaults to the JSON
             file's name without extension.
@@ -169,8 +169,8 @@ def convert(
             f"source {source!r} must use only letters, digits, '_' and '-' (it names files); shard_size "
             f"({shard_size}) and workers ({workers}) must be >= 1"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    existing = Manifest.read(out) or Manifest(shards=[])
+    output.mkdir(parents=True, exist_ok=True)
+    existing = Manifest.read(output) or Manifest(shards=[])
     kept = [entry for entry in existing.shards if entry.source != source]
     taken = {sample_id for entry in kept for sample_id in entry.ids}
     skipped = [s for s in existing.skipped if s.source != source]
@@ -183,7 +183,7 @@ def convert(
         except SampleError as error:
             skipped.append(SkippedSample(source, error.sample_id, error.reason, error.detail))
 
-    tmp = out / f".{source}.tmp-{uuid.uuid4().hex}"
+    tmp = output / f".{source}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         with ShardSetWriter(tmp, source, shard_size) as writer:
@@ -202,9 +202,9 @@ def convert(
                 writer.write(sample_id, parsed.record, image)
         for entry in existing.shards:
             if entry.source == source:
-                (out / entry.name).unlink(missing_ok=True)
+                (output / entry.name).unlink(missing_ok=True)
         for entry in writer.entries:
-            (tmp / entry.name).replace(out / entry.name)
+            (tmp / entry.name).replace(output / entry.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -216,11 +216,11 @@ def convert(
         "renamed_ids": renamed,
     }
     manifest = Manifest(shards=kept + writer.entries, skipped=skipped, params=params)
-    manifest.write(out)
+    manifest.write(output)
     reasons = Counter(s.reason for s in skipped if s.source == source)
     written = sum(len(entry.ids) for entry in writer.entries)
     print(
-        f"{source}: {written} samples in {len(writer.entries)} shards under {out}; "
+        f"{source}: {written} samples in {len(writer.entries)} shards under {output}; "
         f"skipped {sum(reasons.values())} {dict(reasons)}; {len(renamed)} ids renamed; "
         f"the set now holds {manifest.sources}"
     )

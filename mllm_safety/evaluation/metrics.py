@@ -170,16 +170,16 @@ def summarize(
 
 
 def score_utility(sets: list[EvalSet], generations: list[Generation]) -> dict[str, dict[str, float]]:
-    """Set name -> metric -> value for every utility set, from the generations of *all* ranks (gathered); prompts
-    that were skipped (their image failed to open) are left out."""
+    """Set name -> metric -> value for every utility set, from the generations of *all* ranks (gathered). A prompt
+    that was skipped (its image failed to open; counted in the report) is scored as an empty reply, which no parser
+    reads as right: LLaVA's scorers count a missing prediction as wrong, so a broken image never raises accuracy."""
     replies: dict[int, str] = {g.index: g.reply for g in generations if g.reply is not None}
     figures: dict[str, dict[str, float]] = {}
     offset = 0
     for eval_set in sets:
         if eval_set.is_utility:
-            kept = [(p, replies[offset + i]) for i, p in enumerate(eval_set.prompts) if offset + i in replies]
-            prompts, answers = [p for p, _ in kept], [r for _, r in kept]
-            figures[eval_set.name] = eval_set.scorer(prompts, answers) if kept else {}
+            answers = [replies.get(offset + i, "") for i in range(len(eval_set.prompts))]
+            figures[eval_set.name] = eval_set.scorer(eval_set.prompts, answers)
         offset += len(eval_set.prompts)
     return figures
 

@@ -125,8 +125,8 @@ class EvalPrompt:
 
 
 Scorer = Callable[[list["EvalPrompt"], list[str]], dict[str, float]]
-"""A utility set's scoring: (prompts, their replies) -> metric name -> value. Prompts whose image failed to open are
-left out before scoring."""
+"""A utility set's scoring: (prompts, their replies) -> metric name -> value. A prompt whose image failed to open comes
+with an empty reply."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
-from mllm_safety.model.mllm import MultimodalOutput
+from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
 PART_PREFIXES: dict[str, str] = {
@@ -280,9 +280,7 @@ class HubVLM(nn.Module):
             attention_mask=attention_mask,
             **images,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            repetition_penalty=1.0,
+            **PLAIN_DECODING,
             eos_token_id=eos_token_id if eos_token_id is not None else self.hf.generation_config.eos_token_id,
             pad_token_id=pad_token_id,
             logits_processor=logits_processor,

@@ -33,18 +33,20 @@ class LoraSettings:
             raise ValueError("lora.target_modules is empty; use 'all-linear' or name at least one module")
 
 
+def lora_config(settings: LoraSettings, **extra) -> LoraConfig:
+    """peft's config of these settings (the one place they are translated)."""
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        **extra,
+    )
+
+
 def apply_lora(llm: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap ``llm`` with fresh adapters; only the adapters require gradients afterwards (kept in float32 by peft)."""
-    return get_peft_model(
-        llm,
-        LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=settings.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    return get_peft_model(llm, lora_config(settings, task_type="CAUSAL_LM"))
 
 
 def merged_llm_tensors(llm: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor]:
@@ -78,15 +80,7 @@ def merged_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def inject_lora(module: PreTrainedModel, settings: LoraSettings) -> None:
     """Add fresh adapters inside ``module`` in place (parameter names keep their paths, ``...q_proj.lora_A...``);
     only the adapters of ``module`` require gradients afterwards."""
-    inject_adapter_in_model(
-        LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=settings.target_modules,
-        ),
-        module,
-    )
+    inject_adapter_in_model(lora_config(settings), module)
 
 
 def named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

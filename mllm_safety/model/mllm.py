@@ -12,6 +12,11 @@ from transformers import LogitsProcessorList, PreTrainedModel
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm_safety.model.lora import LoraSettings, apply_lora
 
+PLAIN_DECODING = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+"""Greedy search over the scores after the caller's logits processors, whatever a checkpoint's ``generation_config``
+suggests (repetition penalty, n-gram blocking, sampling): every model family is evaluated alike, and sampling is a
+processor seeded per row."""
+
 
 @dataclass
 class MultimodalOutput:
@@ -152,8 +157,7 @@ class MultimodalLM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
+            **PLAIN_DECODING,
             use_cache=True,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

@@ -128,12 +128,16 @@ def block_units(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in classes]
 
 
-def decoder_layers(llm: nn.Module) -> list[nn.Module]:
-    """The LLM's transformer blocks (see :func:`block_units`); an error when there are none."""
-    layers = block_units(llm)
+def decoder_layers(llm_parts: list[nn.Module]) -> list[nn.Module]:
+    """The transformer blocks (see :func:`block_units`) of the language model's parts (its body, and parts without
+    blocks such as a separate LM head); an error when there are none."""
+    layers = [layer for part in llm_parts for layer in block_units(part)]
     if not layers:
-        classes = sorted({n for m in llm.modules() for n in (getattr(m, "_no_split_modules", None) or [])})
-        raise ValueError(f"cannot find the decoder layers of {type(llm).__name__}: _no_split_modules={classes}")
+        names = [type(part).__name__ for part in llm_parts]
+        classes = sorted(
+            {n for p in llm_parts for m in p.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+        )
+        raise ValueError(f"cannot find the decoder layers of the language model {names}: _no_split_modules={classes}")
     return layers
 
 
@@ -157,9 +161,7 @@ def shard_multimodal_lm(
         return
     options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     parts = model.part_modules()
-    layers = [layer for module in parts["llm"] for layer in block_units(module)]
-    if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}'s language model")
+    layers = decoder_layers(parts["llm"])
     vision_blocks = [block for module in parts["vision"] for block in block_units(module)]
     for unit in [*layers, *vision_blocks, *parts["projector"], *parts["vision"]]:
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)

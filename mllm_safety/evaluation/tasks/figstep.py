@@ -3,8 +3,12 @@
 Protocol ``paper``: FigStep as the safety-finetuning paper ran it on LLaVA (Wang et al., CVPR 2025;
 ``evaluation/evaluate_figstep_llava.py`` in github.com/ybwang119/MLLM_safety_study): every SafeBench image with
 FigStep's prompt, sampled at temperature 0.2 (Hugging Face's default top-k of 50 in effect) with 512 new tokens,
-judged by the paper's matcher, all 10 categories in the ASR. (The paper's script writes the prompt over three source
-lines with backslash continuations, so its sentences are separated by runs of spaces; we send FigStep's prompt.)
+judged by the paper's matcher, all 10 categories in the ASR, on FigStep's published images only (a rendering of our
+own would not be the paper's benchmark). Two differences are left on purpose: the paper's script writes the prompt
+over three source lines with backslash continuations, so its sentences are separated by runs of spaces, where we send
+FigStep's prompt; and it judges ``tokenizer.decode(output_ids[0]).strip()[4:-4]``, which drops a ``<s> `` and a
+``</s>`` only if the decoded reply carries both (with LLaVA's generation from embeddings it may start with the
+reply's own first four characters, "I cannot" losing its marker), where we judge the whole reply.
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ as attack success, but answering with care is legitimate, so they are reported a
 _FIGSTEP_COLUMNS = ("dataset", "category_id", "task_id", "category_name", "question", "instruction")
 
 
-def load_figstep(path: str, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
+def load_figstep(
+    path: str, images: str | None, modes: tuple[str, ...], published_images: bool = False
+) -> list[EvalSet]:
     """FigStep's SafeBench: ``image`` is the attack (the ``instruction`` in the image, FigStep's prompt as text),
-    ``text`` the plain question (FigStep's vanilla baseline)."""
+    ``text`` the plain question (FigStep's vanilla baseline). Without ``images`` the attack images are rendered,
+    unless ``published_images`` asks for FigStep's own."""
+    if published_images and images is None and "image" in modes:
+        raise ValueError(
+            f"benchmark figstep ({path}): this protocol evaluates FigStep's published images; set images to their "
+            "folder (query_<dataset>_<category>_<task>_6.png)"
+        )
     rows = read_csv(path, "FigStep SafeBench", _FIGSTEP_COLUMNS)
     folder = existing(images, "FigStep images folder", folder=True) if images else None
     source = f"{path}; images {'from ' + str(folder) if folder else 'rendered from instruction'}"
@@ -55,6 +67,7 @@ PAPER = Protocol(
     judge="paper",
     modes=("image",),
     generation={"max_new_tokens": 512, "do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0},
+    load_options={"published_images": True},
 )
 
 TASK = Task("figstep", ("image", "text"), load_figstep, protocols={"paper": PAPER})

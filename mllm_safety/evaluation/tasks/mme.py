@@ -2,8 +2,9 @@
 
 ``path`` is the ``MME_Benchmark_release_version`` folder. A category folder holds either ``images/`` and
 ``questions_answers_YN/`` (artwork, celebrity, landmark, posters, scene) or images and ``.txt`` files side by side;
-each ``.txt`` line is "question<TAB>Yes|No" about the image of the same name. The prompt is LLaVA's: the question,
-then "Answer the question using a single word or phrase." The reply is read as MME's ``eval_tool/calculation.py``
+each ``.txt`` line is "question<TAB>Yes|No" about the image of the same name. The prompt is LLaVA's
+(``llava_mme.jsonl``, and lmms-eval's ``mme``): the question without MME's " Please answer yes or no.", then "Answer
+the question using a single word or phrase." The reply is read as MME's ``eval_tool/calculation.py``
 reads it: lower-cased, "yes" or "no" exactly, else "yes" or "no" within its first 4 characters, else neither.
 
 Modes ``perception`` and ``cognition`` are one set each. Metrics, as MME reports them: ``score/<category>`` =
@@ -40,6 +41,8 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 """MME's ``eval_type_dict``."""
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+MME_YES_NO_PROMPT = "Please answer yes or no."
+"""MME's own instruction at the end of every question, which LLaVA's prompt replaces with the short-answer line."""
 _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
@@ -115,7 +118,7 @@ def load_mme(path: str, images: str | None, modes: tuple[str, ...]) -> list[Eval
                             f"{category}/{file.stem}/{number}",
                             name,
                             category,
-                            f"{question.strip()}\n{SHORT_ANSWER_PROMPT}",
+                            f"{question.replace(MME_YES_NO_PROMPT, '').strip()}\n{SHORT_ANSWER_PROMPT}",
                             image,
                             question.strip(),
                             target=target,

@@ -4,7 +4,8 @@ Protocol ``paper``: as the safety-finetuning paper ran it on LLaVA (Wang et al.,
 ``evaluation/evaluate_MM_llava_ablation.py`` and ``utils/judge_mmbench_str.py`` in
 github.com/ybwang119/MLLM_safety_study): SD+TYPO and TYPO with "Rephrased Question", SD with "Rephrased
 Question(SD)", text-only with "Changed Question"; all 13 scenarios, per scenario (``asr/<set>/<scenario>``) and
-pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge.
+pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge; MM-SafetyBench's own images only. Like its
+FigStep script, the paper's judges ``decode(...).strip()[4:-4]`` (see ``tasks/figstep.py``); we judge whole replies.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def load_mmsafetybench(
     modes: tuple[str, ...],
     text_question: str = "Question",
     scenarios: int | None = None,
+    published_images: bool = False,
 ) -> list[EvalSet]:
     """MM-SafetyBench: ``processed_questions/<scenario>.json`` ({id: {"Question", "Key Phrase", "Rephrased
     Question", "Rephrased Question(SD)", ...}}) and ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``.
@@ -45,7 +47,8 @@ def load_mmsafetybench(
     "Rephrased Question(SD)", text-only asks ``text_question`` (default the original "Question"; the paper's
     protocol: "Changed Question"). Missing TYPO images are rendered from the key phrase, missing SD_TYPO ones by
     captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO without them are an error.
-    ``scenarios``: how many scenario files there must be (the paper's protocol pools all 13).
+    ``scenarios``: how many scenario files there must be (the paper's protocol pools all 13). ``published_images``:
+    never render, every image must be MM-SafetyBench's own (the paper's protocol).
     """
     root = existing(path, "MM-SafetyBench data folder", folder=True)
     questions = existing(root / "processed_questions", "MM-SafetyBench questions folder", folder=True)
@@ -68,7 +71,7 @@ def load_mmsafetybench(
         folders = {mode: image_root / scenario / sub for mode, sub in _MMSB_MODES.items()}
         for qid, record in records.items():
             for mode in modes:
-                question, image = _mmsb_prompt(file, qid, record, mode, folders, text_question)
+                question, image = _mmsb_prompt(file, qid, record, mode, folders, text_question, published_images)
                 if image is not None and not isinstance(image, ImageFile):
                     rendered.add(mode)
                 prompts[mode].append(
@@ -98,7 +101,7 @@ def _field(file: Path, qid: str, record: Any, name: str) -> str:
 
 
 def _mmsb_prompt(
-    file: Path, qid: str, record: Any, mode: str, folders: dict[str, Path], text_question: str
+    file: Path, qid: str, record: Any, mode: str, folders: dict[str, Path], text_question: str, published: bool
 ) -> tuple[str, ImageSource | None]:
     if mode == "text":
         return _field(file, qid, record, text_question), None
@@ -106,7 +109,8 @@ def _mmsb_prompt(
         existing(folders["sd"], "MM-SafetyBench SD images", folder=True)
         return _field(file, qid, record, "Rephrased Question(SD)"), ImageFile(str(folders["sd"] / f"{qid}.jpg"))
     question = _field(file, qid, record, "Rephrased Question")
-    if folders[mode].is_dir():
+    if folders[mode].is_dir() or published:
+        existing(folders[mode], f"MM-SafetyBench {_MMSB_MODES[mode]} images (this protocol renders none)", folder=True)
         return question, ImageFile(str(folders[mode] / f"{qid}.jpg"))
     phrase = _field(file, qid, record, "Key Phrase")
     if mode == "typo":
@@ -122,7 +126,7 @@ PAPER = Protocol(
     judge="paper",
     modes=("sd_typo", "sd", "typo", "text"),
     generation={"max_new_tokens": 512, "do_sample": False},
-    load_options={"text_question": "Changed Question", "scenarios": 13},
+    load_options={"text_question": "Changed Question", "scenarios": 13, "published_images": True},
 )
 
 TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench, protocols={"paper": PAPER})
