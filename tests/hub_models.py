@@ -187,6 +187,31 @@ def write_tiny_qwen25_vl(path: str | Path, seed: int = 0) -> str:
     return _save(model, processor, path, [ids("<|im_end|>"), ids("<|endoftext|>")])
 
 
+IDEFICS3_TOKENS = [
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+]
+"""Idefics3's and SmolVLM's image tokens (a tile's position is a <row_r_col_c> token)."""
+IDEFICS3_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 24,
+    "patch_size": 6,
+}
+"""A tiny SigLIP-like tower for Idefics3 and SmolVLM."""
+IDEFICS3_IMAGE_SPLITTING = {
+    "size": {"longest_edge": 72},
+    "max_image_size": {"longest_edge": 24},
+    "do_image_splitting": True,
+}
+"""Images split into up to 3 x 3 tiles of 24 pixels, plus the global image."""
+
+
 def write_tiny_idefics3(path: str | Path, seed: int = 0) -> str:
     """Idefics3: a SigLIP-like tower (24 px frames of 16 patches, pixel shuffle by 2 -> 4 tokens), image splitting
     into 24 px tiles plus a global frame, a Llama text model, and Idefics3's ``User:``/``Assistant:`` template."""
@@ -197,31 +222,21 @@ def write_tiny_idefics3(path: str | Path, seed: int = 0) -> str:
         Idefics3Processor,
     )
 
-    rows = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     tokenizer = _tokenizer(
-        ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *rows],
+        IDEFICS3_TOKENS,
         bos="<|begin_of_text|>",
         eos="<|end_of_text|>",
     )
     ids = tokenizer.convert_tokens_to_ids
     config = Idefics3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 24,
-            "patch_size": 6,
-        },
+        vision_config=dict(IDEFICS3_VISION),
         text_config={"model_type": "llama", **_text_config(tokenizer)},
         image_token_id=ids("<image>"),
         scale_factor=2,
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
-    image_processor = Idefics3ImageProcessor(
-        size={"longest_edge": 72}, max_image_size={"longest_edge": 24}, do_image_splitting=True
-    )
+    image_processor = Idefics3ImageProcessor(**IDEFICS3_IMAGE_SPLITTING)
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
     )
@@ -279,27 +294,17 @@ def write_tiny_smolvlm(path: str | Path, seed: int = 0) -> str:
         SmolVLMVideoProcessor,
     )
 
-    rows = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *rows])
+    tokenizer = _tokenizer(IDEFICS3_TOKENS)
     ids = tokenizer.convert_tokens_to_ids
     config = SmolVLMConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 24,
-            "patch_size": 6,
-        },
+        vision_config=dict(IDEFICS3_VISION),
         text_config={"model_type": "llama", **_text_config(tokenizer)},
         image_token_id=ids("<image>"),
         scale_factor=2,
     )
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(config)
-    image_processor = SmolVLMImageProcessor(
-        size={"longest_edge": 72}, max_image_size={"longest_edge": 24}, do_image_splitting=True
-    )
+    image_processor = SmolVLMImageProcessor(**IDEFICS3_IMAGE_SPLITTING)
     processor = SmolVLMProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -1,0 +1,22 @@
+"""The paper's recipe (LoRA r=128 α=256, lr 2e-4, 3 epochs, global batch 128, bf16), as every paper config resolves."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mllm_safety.fit import main
+
+
+def resolved_paper_config(config: Path, capsys) -> dict:
+    """``config`` as fit's CLI resolves it, after checking the recipe that every model family shares."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    trainer, data, model = resolved["trainer"], resolved["data"], resolved["model"]
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 128
+    assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 3
+    assert model["lora"] == {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": "all-linear"}
+    assert model["optim"]["lr"] == 2e-4 and model["optim"]["warmup_ratio"] == 0.03 and model["max_length"] == 2048
+    return resolved
