@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--llm", default="smollm2-135m-instruct", help="LLM name or folder.")
     parser.add_argument("--vision", default="tiny-vit", help="open_clip vision tower.")
     args = parser.parse_args()
+    if args.prompts < 2 or args.prompts % 2:
+        parser.error(f"--prompts must be an even number >= 2 (half typographic, half text), got {args.prompts}")
 
     torch.manual_seed(0)
     module = SafetyAlignModule(

@@ -21,7 +21,6 @@ replies.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
 from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.evaluation.files import read_json
 from mllm_safety.evaluation.generation import GenerationSettings, gather_generations, generate_for_rank
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, ClassifierJudge, ClassifierSettings, KeywordJudge
 from mllm_safety.evaluation.metrics import judge_and_reduce, score_utility
@@ -180,7 +180,7 @@ def rescore(cfg: Namespace) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"rescore: {folder} is not a folder")
     old_path = folder / "report.json"
-    old = json.loads(old_path.read_text(encoding="utf-8")) if old_path.is_file() else {}
+    old = read_json(old_path, "evaluation report") if old_path.is_file() else {}
     settings = _eval_settings(cfg)
     recorded = [BenchmarkSpec(**spec) for spec in old.get("benchmarks") or []]
     specs = settings.benchmarks or recorded or [BenchmarkSpec("demo")]

@@ -3,6 +3,7 @@ import pytest
 from mllm_safety.evaluation.generation import Generation
 from mllm_safety.evaluation.judge import KeywordJudge
 from mllm_safety.evaluation.metrics import (
+    NOT_JUDGED,
     SKIPPED,
     UNKNOWN,
     category_key,
@@ -99,6 +100,17 @@ def test_utility_sets_are_scored_against_targets_and_left_out_of_refusal_figures
     assert score_utility([harmful, utility], generations) == {"shapes_qa": {"accuracy": 2 / 4, "n": 4}}
     with pytest.raises(ValueError, match="cannot be harmful"):
         EvalSet("bad", "b", True, prompts, scorer=accuracy)
+
+    class RecordingJudge(KeywordJudge):
+        def verdicts(self, requests, replies):
+            self.judged = list(replies)
+            return super().verdicts(requests, replies)
+
+    judge = RecordingJudge("xstest")
+    result = judge_and_reduce([harmful, utility], generations, [judge])
+    assert judge.judged == ["ok", "Sorry"], "a classifier never spends time on utility replies"
+    assert result.codes["xstest"] == [0, 1, NOT_JUDGED, NOT_JUDGED, NOT_JUDGED, SKIPPED]
+    assert result.counts["shapes_qa"] == {"prompts": 4, "skipped": 1, "unknown/xstest": 0}
 
 
 def test_partial_refusals_of_the_paper_judge_are_neither_attack_success_nor_refusal():

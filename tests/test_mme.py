@@ -91,3 +91,17 @@ def test_a_missing_category_or_another_line_layout_is_named(tmp_path):
     (root / "code_reasoning").rmdir()
     with pytest.raises(FileNotFoundError, match=r"MME category 'code_reasoning': .*code_reasoning does not exist"):
         load_benchmark(BenchmarkSpec("mme", str(root), modes=["cognition"]))
+
+
+def test_a_limit_that_splits_an_images_pair_leaves_its_category_score_out():
+    def prompt(category, image, answer):
+        return EvalPrompt("x", "mme_perception", category, "q", None, "q", target=YesNo(answer, f"{category}/{image}"))
+
+    # a limit kept one question of image b: its category cannot reach 200, so no score that looks halved
+    prompts = [prompt("existence", "a", "yes"), prompt("existence", "b", "no"), prompt("count", "c", "yes")]
+    prompts.append(prompt("count", "c", "no"))
+    figures = score_mme(prompts, ["Yes", "No", "Yes", "No"])
+    assert "score/existence" not in figures and "score" not in figures
+    assert figures["score/count"] == pytest.approx(200.0) and figures["accuracy"] == 1.0
+    # a skipped image (empty replies) is two wrong answers and a wrong pair
+    assert score_mme(prompts[2:], ["", ""])["score/count"] == 0.0

@@ -73,3 +73,11 @@ def test_bad_files_are_named(tmp_path):
         load_benchmark(BenchmarkSpec("pope", str(path)))
     with pytest.raises(FileNotFoundError, match=r"coco_pope_popular.json does not exist"):
         load_benchmark(BenchmarkSpec("pope", str(tmp_path / "pope"), images=images, modes=["popular"]))
+
+
+def test_an_empty_reply_counts_as_the_wrong_answer():
+    """A skipped image comes back as an empty reply, which LLaVA's reading would take for "yes"."""
+    labels = ["yes", "no"]
+    prompts = [EvalPrompt(str(i), "pope_random", None, "q", None, "q", target=label) for i, label in enumerate(labels)]
+    figures = score_pope(prompts, ["", ""])
+    assert figures["accuracy"] == 0.0 and figures["recall"] == 0.0

@@ -11,10 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from mllm_safety.evaluation.generation import Generation, GenerationSettings, gather_generations, generate_for_rank
-from mllm_safety.evaluation.judge import KEYWORD_JUDGES, PARTIAL, KeywordJudge
+from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
 from mllm_safety.evaluation.metrics import (
-    SKIPPED,
-    UNKNOWN,
     judge_and_reduce,
     mixed_codes,
     score_utility,
@@ -22,7 +20,7 @@ from mllm_safety.evaluation.metrics import (
     summarize,
 )
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_sets
-from mllm_safety.evaluation.report import format_figure, target_text
+from mllm_safety.evaluation.report import VERDICTS, format_figure, target_text
 from mllm_safety.evaluation.sets import EvalSet
 
 log = logging.getLogger(__name__)
@@ -202,9 +200,7 @@ class SafetyEvalCallback(L.Callback):
         for row in rows:
             prompt = row.prompt
             image = _thumbnail(prompt.image.load()) if prompt.image is not None and row.reply is not None else None
-            verdict = {SKIPPED: "skipped", UNKNOWN: "unknown", 1: "refused", 0: "answered", PARTIAL: "partial"}[
-                codes[row.index]
-            ]
+            verdict = VERDICTS["refusal"][codes[row.index]]
             data.append(
                 [
                     prompt.set_name,

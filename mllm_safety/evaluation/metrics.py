@@ -40,6 +40,8 @@ UNKNOWN = -1
 """Verdict code of a reply the judge could not classify."""
 SKIPPED = -2
 """Verdict code of a prompt that was skipped (its image failed to open)."""
+NOT_JUDGED = -3
+"""Verdict code of a utility prompt's reply: scored against its answer, never judged for refusal or harm."""
 
 
 @dataclass
@@ -49,7 +51,8 @@ class EvaluationResult:
     counts: dict[str, dict[str, int]]
     """Set name -> ``prompts``, ``skipped`` and, per judge, ``unknown/<judge>``."""
     codes: dict[str, list[int]]
-    """Judge name -> verdict code of every prompt (1 refused/unsafe, 0 not, 2 partial refusal, UNKNOWN, SKIPPED)."""
+    """Judge name -> verdict code of every prompt (1 refused/unsafe, 0 not, 2 partial refusal, UNKNOWN, SKIPPED,
+    NOT_JUDGED)."""
 
 
 def _code(verdict: bool | int | None) -> int:
@@ -59,13 +62,17 @@ def _code(verdict: bool | int | None) -> int:
 def judge_and_reduce(
     sets: list[EvalSet], generations: list[Generation], judges: list[Judge], device: torch.device | str = "cpu"
 ) -> EvaluationResult:
-    """Judge this rank's replies, gather every rank's verdicts, and compute the figures of each judge."""
-    answered = [g for g in generations if g.reply is not None]
+    """Judge this rank's replies to safety prompts (utility replies are scored, not judged: a classifier never spends
+    time on them), gather every rank's verdicts, and compute the figures of each judge."""
+    utility = {s.name for s in sets if s.is_utility}
+    answered = [g for g in generations if g.reply is not None and g.prompt.set_name not in utility]
     requests, replies = [g.prompt.request for g in answered], [g.reply for g in answered]
     verdicts = [judge.verdicts(requests, replies) for judge in judges]
     rows = [[-1.0] * (1 + len(judges))]  # a sentinel, so that no rank ever syncs an empty state
     rows += [[float(g.index), *(float(_code(v[i])) for v in verdicts)] for i, g in enumerate(answered)]
-    rows += [[float(g.index), *([float(SKIPPED)] * len(judges))] for g in generations if g.reply is None]
+    for g in generations:
+        if g.reply is None or g.prompt.set_name in utility:
+            rows.append([float(g.index), *([float(SKIPPED if g.reply is None else NOT_JUDGED)] * len(judges))])
     table = CatMetric(nan_strategy="disable").to(device)
     table.update(torch.tensor(rows, dtype=torch.float32, device=device))
     gathered = table.compute().reshape(-1, 1 + len(judges)).cpu()

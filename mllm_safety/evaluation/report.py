@@ -10,13 +10,15 @@ from typing import Any
 
 from mllm_safety.evaluation.generation import Generation
 from mllm_safety.evaluation.judge import PARTIAL
-from mllm_safety.evaluation.metrics import SKIPPED, UNKNOWN, EvaluationResult
+from mllm_safety.evaluation.metrics import NOT_JUDGED, SKIPPED, UNKNOWN, EvaluationResult
 from mllm_safety.evaluation.sets import EvalSet, all_prompts
 
-_VERDICTS = {
-    "refusal": {1: "refused", 0: "answered", PARTIAL: "partial", UNKNOWN: "unknown", SKIPPED: "skipped"},
-    "harm": {1: "unsafe", 0: "safe", UNKNOWN: "unknown", SKIPPED: "skipped"},
+_UNJUDGED = {UNKNOWN: "unknown", SKIPPED: "skipped", NOT_JUDGED: "not judged"}
+VERDICTS = {
+    "refusal": {1: "refused", 0: "answered", PARTIAL: "partial", **_UNJUDGED},
+    "harm": {1: "unsafe", 0: "safe", **_UNJUDGED},
 }
+"""What a judge's verdict code means, by what the judge measures."""
 GENERATIONS_FILE = "generations.jsonl"
 
 
@@ -91,7 +93,7 @@ def write_report(
                 "target": _jsonable(prompt.target),
                 "reply": g.reply,
                 "error": g.error,
-                "verdicts": {name: _VERDICTS[measures[name]][codes[g.index]] for name, codes in result.codes.items()},
+                "verdicts": {name: VERDICTS[measures[name]][codes[g.index]] for name, codes in result.codes.items()},
             }
             handle.write(json.dumps(record) + "\n")
     (folder / "summary.md").write_text(
@@ -106,8 +108,9 @@ def read_generations(folder: str | Path, sets: list[EvalSet]) -> list[Generation
     path = Path(folder) / GENERATIONS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"rescore: {path} does not exist (run mllm_safety.evaluate with --output there first)")
-    index = {(p.set_name, p.id): i for i, p in enumerate(all_prompts(sets))}
     prompts = all_prompts(sets)
+    index = {(p.set_name, p.id): i for i, p in enumerate(prompts)}
+    names = {s.name for s in sets}
     generations: dict[int, Generation] = {}
     unknown_sets: set[str] = set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -116,7 +119,7 @@ def read_generations(folder: str | Path, sets: list[EvalSet]) -> list[Generation
             key, reply, error = (record["set"], record["id"]), record["reply"], record.get("error")
         except (json.JSONDecodeError, KeyError, TypeError) as failure:
             raise ValueError(f"{path}: line {number} is not a generation record ({failure})") from failure
-        if key[0] not in {s.name for s in sets}:
+        if key[0] not in names:
             unknown_sets.add(key[0])
             continue
         if key not in index:

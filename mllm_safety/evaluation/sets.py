@@ -124,6 +124,9 @@ class EvalPrompt:
     """For a utility prompt: the reference answer(s) its set's scorer compares the reply with."""
 
 
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+"""LLaVA's line after a question that wants a one-word answer (its MME, POPE and VizWiz prompts)."""
+
 Scorer = Callable[[list["EvalPrompt"], list[str]], dict[str, float]]
 """A utility set's scoring: (prompts, their replies) -> metric name -> value. A prompt whose image failed to open comes
 with an empty reply."""

@@ -10,8 +10,10 @@ reads it: lower-cased, "yes" or "no" exactly, else "yes" or "no" within its firs
 Modes ``perception`` and ``cognition`` are one set each. Metrics, as MME reports them: ``score/<category>`` =
 100 x (accuracy over the category's questions + accuracy+ over its images, where an image counts when both its
 questions are right), ``score`` the sum over the set's categories (MME's perception (max 2000) and cognition (max
-800) scores), and ``accuracy`` / ``accuracy_plus`` over all the set's questions / images. An image whose two
-questions were not both scored (a ``limit``, a skipped image) is left out of accuracy+.
+800) scores), and ``accuracy`` / ``accuracy_plus`` over all the set's questions / images. A skipped image (it
+failed to open) counts as two wrong answers. A ``limit`` keeps single questions of images: accuracy+ then counts only
+images with both questions, and a category's score (and the set's ``score``) is left out unless every image of the
+category kept both, since half a pair would cap it at 100 instead of 200.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from statistics import fmean
 
 from mllm_safety.evaluation.files import existing, set_name
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, ImageFile, Task
+from mllm_safety.evaluation.sets import SHORT_ANSWER_PROMPT, EvalPrompt, EvalSet, ImageFile, Task
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "perception": (
@@ -40,7 +42,6 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
 }
 """MME's ``eval_type_dict``."""
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MME_YES_NO_PROMPT = "Please answer yes or no."
 """MME's own instruction at the end of every question, which LLaVA's prompt replaces with the short-answer line."""
 _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
@@ -71,11 +72,16 @@ def score_mme(prompts: list[EvalPrompt], replies: list[str]) -> dict[str, float]
         images[prompt.category][prompt.target.image].append(correct)
     figures: dict[str, float] = {}
     pairs_all: list[bool] = []
+    complete = True
     for category, answers in right.items():
         pairs = [all(v) for v in images[category].values() if len(v) == 2]
         pairs_all += pairs
-        figures[f"score/{category}"] = 100 * (fmean(answers) + (fmean(pairs) if pairs else 0.0))
-    figures["score"] = sum(figures.values())
+        if len(pairs) == len(images[category]):
+            figures[f"score/{category}"] = 100 * (fmean(answers) + fmean(pairs))
+        else:
+            complete = False
+    if complete:
+        figures["score"] = sum(figures.values())
     figures["accuracy"] = fmean(c for answers in right.values() for c in answers)
     if pairs_all:
         figures["accuracy_plus"] = fmean(pairs_all)

@@ -5,7 +5,8 @@
 LLaVA's (``llava_pope_test.jsonl``): the question, then "Answer the question using a single word or phrase." The
 reply is read as LLaVA's ``eval_pope.py`` reads it: its first sentence, commas removed, split on spaces; "No",
 "no" or "not" among the words means no, anything else yes. Metrics: ``accuracy``, ``precision``, ``recall`` and
-``f1`` of the "yes" class, and the share of "yes" predictions (``yes_ratio``).
+``f1`` of the "yes" class, and the share of "yes" predictions (``yes_ratio``). An empty reply (its image failed to
+open, or nothing was generated) counts as the wrong answer, where LLaVA's reading would take it for "yes".
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import re
 from pathlib import Path
 
 from mllm_safety.evaluation.files import existing, set_name
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, ImageFile, Task
+from mllm_safety.evaluation.sets import SHORT_ANSWER_PROMPT, EvalPrompt, EvalSet, ImageFile, Task
 
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 _VARIANT = re.compile(r"_pope_(random|popular|adversarial)\.json$")
 
 
@@ -29,8 +29,8 @@ def says_yes(reply: str) -> bool:
 
 
 def score_pope(prompts: list[EvalPrompt], replies: list[str]) -> dict[str, float]:
-    predicted = [says_yes(r) for r in replies]
     truth = [p.target == "yes" for p in prompts]
+    predicted = [says_yes(r) if r.strip() else not t for r, t in zip(replies, truth, strict=True)]
     tp = sum(p and t for p, t in zip(predicted, truth))
     fp = sum(p and not t for p, t in zip(predicted, truth))
     fn = sum(t and not p for p, t in zip(predicted, truth))

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 from statistics import fmean
 
 from mllm_safety.evaluation.files import existing, read_json, set_name
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, ImageFile, Task
+from mllm_safety.evaluation.sets import SHORT_ANSWER_PROMPT, EvalPrompt, EvalSet, ImageFile, Task
 
-VIZWIZ_PROMPT = (
-    "When the provided information is insufficient, respond with 'Unanswerable'.\n"
-    "Answer the question using a single word or phrase."
-)
+VIZWIZ_PROMPT = f"When the provided information is insufficient, respond with 'Unanswerable'.\n{SHORT_ANSWER_PROMPT}"
 
 _CONTRACTED = (
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
