@@ -75,11 +75,14 @@ class RunCLI(LightningCLI):
 
     def resolve_ckpt_path(self, folders: list[Path], required: bool) -> str | None:
         """``--ckpt_path`` with ``last`` resolved to the newest complete checkpoint in ``folders``. Without one: an
-        error when ``required``, else ``None`` (start fresh)."""
+        error when ``required``, else ``None`` (start fresh). Entry points call it before building the model, so a
+        wrong path costs no model build."""
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path != "last":
             if required and ckpt_path is None:
                 raise ValueError("--ckpt_path is required: a checkpoint of the run, or 'last'")
+            if ckpt_path is not None and not Path(ckpt_path).exists():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
             return ckpt_path
         if not folders:
             raise ValueError(
@@ -101,7 +104,8 @@ def run_folders(root: Path, dirpaths: list[str | None]) -> list[Path]:
     """Where a run keeps its checkpoints: its root (SLURM requeue checkpoints), ``<root>/checkpoints`` (where a
     checkpoint callback without a folder of its own writes: :func:`own_checkpoint_dirs`) and every callback's own
     folder."""
-    return list(dict.fromkeys([root, root / "checkpoints", *(Path(d) for d in dirpaths if d)]))
+    folders = [root, root / "checkpoints", *(Path(d) for d in dirpaths if d)]
+    return list(dict.fromkeys(folder.resolve() for folder in folders))  # one folder once, however it is written
 
 
 def own_checkpoint_dirs(callbacks: list, root: Path) -> list[str]:

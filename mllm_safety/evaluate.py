@@ -98,6 +98,13 @@ class EvaluateCLI(RunCLI):
         )
         parser.add_class_arguments(EvaluationSettings, "eval", help="What to evaluate and how to judge it.")
 
+    def before_instantiate_classes(self) -> None:
+        """Check the command before the model is built (minutes for a 7B model)."""
+        if self.config.rescore is None:
+            if self.config.output is None:
+                self.parser.error("--output is required (the folder for the report), unless --rescore names one")
+            self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=False)
+
     def instantiate_classes(self) -> None:
         if self.config.rescore is None:
             self.build_model()
@@ -120,9 +127,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
     cfg = cli.config
     if cfg.rescore is not None:
         return rescore(cfg)
-    if cfg.output is None:
-        cli.parser.error("--output is required (the folder for the report), unless --rescore names one")
-    ckpt_path = cli.resolve_ckpt_path(cli.checkpoint_folders(), required=False)
+    ckpt_path = cli.ckpt_path
     trainer = cfg.trainer
     fabric = Fabric(
         accelerator=trainer.accelerator,

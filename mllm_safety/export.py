@@ -55,6 +55,7 @@ class ExportCLI(RunCLI):
                 "export writes transformers folders for runs of model.llava or model.pretrained; this run assembled "
                 "its model from model.llm and model.vision, which no transformers class loads"
             )
+        self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=True)
         # model.frozen_dtype saves training memory; an export loads the base weights exactly, folds LoRA in float32
         # and casts once, to --dtype.
         self.config.model.frozen_dtype = "float32"
@@ -83,9 +84,8 @@ def main(args: list[str] | None = None) -> SafetyAlignModule:
     """Export a run; returns the module that was written (trained weights loaded)."""
     cli = ExportCLI(args)
     model = cli.config.model
-    ckpt_path = cli.resolve_ckpt_path(cli.checkpoint_folders(), required=True)
-    loaded = load_checkpoint_weights(cli.model, ckpt_path)
-    log.info("loaded %d trained tensors from %s", len(loaded), ckpt_path)
+    loaded = load_checkpoint_weights(cli.model, cli.ckpt_path)
+    log.info("loaded %d trained tensors from %s", len(loaded), cli.ckpt_path)
     if cli.config.dtype == "auto":
         dtype = checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
     else:

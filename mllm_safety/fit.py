@@ -32,8 +32,15 @@ RUN_DATA_SETTINGS = (
     "num_samples",
     "demo_samples",
     "batch_size",
+    "num_workers",
+    "shuffle_buffer",
+    "group_by_length",
+    "group_buffer",
+    "donor_images",
 )
-"""The data options a resumed run must share with its checkpoint: which samples, which swapped, in which order."""
+"""The data options a resumed run must share with its checkpoint: which samples, which swapped, in which order
+(a resume skips the batches the run has seen, so anything that reorders the stream, such as the workers per device
+or the shuffle and grouping buffers, would train some samples twice and others never)."""
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -79,11 +86,13 @@ class SafetyCLI(RunCLI):
         return run_folders(root, own_checkpoint_dirs(self.trainer.checkpoint_callbacks, root))
 
     def run_settings(self) -> dict[str, Any]:
-        """What makes a run this run: its model, its data and its seed (not devices, schedule or logging)."""
+        """What makes a run this run: its model, its data and its order, its seed, and the number of processes the
+        stream is split over (not the schedule or logging)."""
         config = self.config.as_dict()
         model = {k: v for k, v in config["model"].items() if k not in ("optim", "gradient_checkpointing")}
         data = {k: v for k, v in config["data"].items() if k in RUN_DATA_SETTINGS}
-        return {"model": model, "data": data, "seed_everything": config.get("seed_everything")}
+        seed = config.get("seed_everything")
+        return {"model": model, "data": data, "seed_everything": seed, "world_size": self.trainer.world_size}
 
 
 def main(args: list[str] | None = None) -> SafetyCLI:

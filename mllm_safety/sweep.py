@@ -178,7 +178,7 @@ class SweepCLI(RunCLI):
         parser.add_argument("--output", type=Path, default=Path("runs/sweep"), help="Folder of the runs, CSV and plot.")
 
     def instantiate_classes(self) -> None:
-        self.settings = self.parser.instantiate_classes(self.config).sweep
+        self.settings = SweepSettings(**self.config.sweep.as_dict())  # the runs build the model, not the sweep
 
     def write_fit_config(self, run_dir: Path) -> str:
         """The resolved fit config (without the sweep's own options) for one run, as the file its fit reads."""

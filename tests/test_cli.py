@@ -40,14 +40,27 @@ def test_convert_has_the_same_config_print_config_and_output(tmp_path, capsys):
     assert printed["output"] == "shards" and printed["shard_size"] == 7
 
 
-def test_export_of_an_assembled_model_stops_before_building_it(tmp_path, capsys, monkeypatch):
+def test_export_and_evaluate_check_the_command_before_building_the_model(tmp_path, capsys, monkeypatch):
     def build_model(self):
         raise AssertionError("the model was built before the command was checked")
 
     monkeypatch.setattr(export.ExportCLI, "build_model", build_model)
+    monkeypatch.setattr(evaluate.EvaluateCLI, "build_model", build_model)
     with pytest.raises(SystemExit):
         export.main(["--config", CONFIG, "--ckpt_path", "last", "--output", str(tmp_path)])
     assert "assembled its model from model.llm and model.vision" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export.main(["--config", CONFIG, "--model.llava.path", str(tmp_path), "--ckpt_path", "last"])
     assert "--output is required" in capsys.readouterr().err
+    llava = ["--config", CONFIG, "--model.llava.path", str(tmp_path), "--output", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="--ckpt_path .*typo.ckpt does not exist"):
+        export.main([*llava, "--ckpt_path", str(tmp_path / "typo.ckpt")])
+    with pytest.raises(ValueError, match="newest checkpoint in the run's own folder"):
+        export.main([*llava, "--ckpt_path", "last"])  # tiny.yaml has no run folder
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        export.main([*llava, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--config", CONFIG])
+    assert "--output is required" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="typo.ckpt does not exist"):
+        evaluate.main(["--config", CONFIG, "--output", str(tmp_path), "--ckpt_path", str(tmp_path / "typo.ckpt")])

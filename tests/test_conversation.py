@@ -203,3 +203,15 @@ def test_llava_v1_label_masks_on_a_sentencepiece_llama_tokenizer_equal_one_whole
     )
     assert prompt.count("USER:") == len(replies) and prompt.count("ASSISTANT:") == len(replies)
     assert "human's questions." in prompt and "What is it?" in prompt
+
+
+def test_a_token_is_learned_when_it_covers_reply_text_zero_width_tokens_included():
+    """Tokenizers that trim offsets (GPT-2's ByteLevel) give whitespace tokens inside a reply a zero width."""
+    import itertools
+
+    from mllm_safety.data.conversation import _covers_learned
+
+    mark = bytearray(b"\x00\x00\x01\x01\x01\x00\x00")  # characters 2..4 are a learned reply
+    before = [0, *itertools.accumulate(mark)]
+    assert [_covers_learned(o, mark, before) for o in [(0, 2), (1, 3), (4, 6), (5, 6)]] == [False, True, True, False]
+    assert [_covers_learned(o, mark, before) for o in [(3, 3), (1, 1), (5, 5)]] == [True, False, False]

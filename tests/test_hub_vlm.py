@@ -237,6 +237,9 @@ def test_a_folder_without_processor_or_chat_template_is_a_clear_error(hub_checkp
         load_hub_vlm(no_template, HubOptions())
     model, processor = load_hub_vlm(no_template, HubOptions(chat_template="yi_vl"))
     assert "### Human:" in processor.chat_template
+    # Yi-VL's template writes <image>, which Qwen's processor never expands: a config error, not a skip per sample
+    with pytest.raises(ValueError, match="does not write the processor's image marker '<\\|image_pad\\|>'"):
+        SafetyAlignModule(pretrained=no_template, hub=HubOptions(chat_template="yi_vl"))
 
 
 def test_remote_code_is_refused_unless_trusted(tmp_path):

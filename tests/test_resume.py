@@ -198,11 +198,12 @@ def test_last_needs_the_runs_own_folder(tmp_path, monkeypatch):
 def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, caplog):
     finished = fit(tmp_path, tmp_path / "first.txt", epochs=1)  # rejection_ratio 0.3 (configs/tiny.yaml)
     trained = trainable_weights(finished)
-    changed = ("--data.rejection_ratio", "0.0", "--model.lora.alpha", "16")
+    changed = ("--data.rejection_ratio", "0.0", "--model.lora.alpha", "16", "--data.shuffle_buffer", "8")
     with pytest.raises(ValueError, match="other settings") as error:
         fit(tmp_path, tmp_path / "second.txt", epochs=2, extra=changed)
     assert "data.rejection_ratio: checkpoint 0.3, now 0.0" in str(error.value)
     assert "model.lora.alpha: checkpoint 8, now 16" in str(error.value)
+    assert "data.shuffle_buffer: checkpoint 256, now 8" in str(error.value), "another order of the stream"
     assert "seed" not in str(error.value), "only the settings that differ are named"
 
     with caplog.at_level(logging.WARNING):

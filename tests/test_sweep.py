@@ -1,6 +1,7 @@
 """The local rejection-ratio sweep and the W&B sweep config."""
 
 import csv
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 
 from mllm_safety import sweep
 from mllm_safety.fit import main as fit_main
+from mllm_safety.train.module import SafetyAlignModule
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -77,6 +79,18 @@ def test_bad_ratios_and_bad_fit_options_stop_before_any_run(tmp_path, capsys):
         sweep.main(["--config", TINY, "--sweep.ratios", "[0.1]", "--output", str(tmp_path), "--trainer.max_stepz=2"])
     assert "max_stepz" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing ran"
+
+
+def test_the_sweep_process_builds_no_model(monkeypatch):
+    """Each run builds its model in its own process; the sweep's would hold a second copy (28 GB for a 7B model)."""
+
+    @functools.wraps(SafetyAlignModule.__init__)  # the parser still reads the model's options from its signature
+    def build(*args, **kwargs):
+        raise AssertionError("the sweep built a model")
+
+    monkeypatch.setattr(SafetyAlignModule, "__init__", build)
+    cli = sweep.SweepCLI(["--config", TINY, "--sweep.ratios", "[0, 0.1]", "--sweep.seeds", "[3]"])
+    assert cli.settings.ratios == [0.0, 0.1] and cli.settings.seeds == [3]
 
 
 def test_wandb_sweep_config_targets_the_cli_and_the_logged_metric(capsys, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -306,10 +307,12 @@ class ChatEncoder:
                 learned.append((len(text), len(text) + len(span)))
             text += span
         ids, offsets = self._tokens(text)
+        mark = bytearray(len(text) + 1)  # 1 on each learned character (one pass, however many spans)
+        for start, end in learned:
+            mark[start:end] = b"\x01" * (end - start)
+        before = [0, *itertools.accumulate(mark)]  # learned characters before each position
         labels = [
-            token
-            if offset is not None and any(offset[0] < end and offset[1] > start for start, end in learned)
-            else IGNORE_INDEX
+            token if offset is not None and _covers_learned(offset, mark, before) else IGNORE_INDEX
             for token, offset in zip(ids, offsets, strict=True)
         ]
         input_ids, labels = [*self.bos, *ids], [IGNORE_INDEX] * len(self.bos) + labels
@@ -368,3 +371,10 @@ def _missing_bos(tokenizer: PreTrainedTokenizerBase, rendered: str) -> list[int]
     bos = tokenizer.bos_token
     adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     return [tokenizer.bos_token_id] if bos is not None and adds_bos and not rendered.startswith(bos) else []
+
+
+def _covers_learned(offset: tuple[int, int], mark: bytearray, before: list[int]) -> bool:
+    """Whether the token at character ``offset`` covers learned text. A zero-width token (a tokenizer that trims
+    offsets gives whitespace tokens ``(i, i)``) is learned when it sits on a learned character."""
+    start, end = offset
+    return before[end] > before[start] if end > start else bool(mark[start])

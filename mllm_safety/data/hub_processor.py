@@ -47,6 +47,12 @@ class HubProcessor:
         self.stop_token_ids = stop_token_ids
         self.image_token = hf_processor.image_token
         """The marker the template writes for an image and the processor expands."""
+        if self.image_token not in encoder.prompt_text("x", has_image=True):
+            # a property of the template, not of a sample: else every image sample would be skipped, one by one
+            raise ValueError(
+                f"the chat template does not write the processor's image marker {self.image_token!r} for an image "
+                "(is model.hub.chat_template written for another model?)"
+            )
 
     @property
     def tokenizer(self):

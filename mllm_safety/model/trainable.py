@@ -30,6 +30,9 @@ from mllm_safety.model.lora import LoraSettings
 
 FORMAT = "mllm_safety.trainable/1"
 """Recorded in the file's metadata, so a foreign safetensors file is refused with a clear message."""
+FINGERPRINTS_KEY = "frozen_fingerprints"
+"""Where a checkpoint (Lightning's, or a trainable-weights file's metadata) records the fingerprints of the frozen
+parts rebuilt from the config."""
 
 Fingerprints = dict[str, dict[str, Any]]
 """``{part: {"shapes": {name: shape}, "sha256": hex}}`` of frozen parts rebuilt from their config."""
@@ -187,7 +190,7 @@ def save_trainable(
     if chat_template is not None:
         metadata["chat_template"] = chat_template
     if frozen:
-        metadata["frozen_fingerprints"] = json.dumps(frozen)
+        metadata[FINGERPRINTS_KEY] = json.dumps(frozen)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -228,5 +231,5 @@ def load_trainable(model: nn.Module, path: str | Path, require_every_trainable: 
         if "lora" not in metadata:
             raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
         model.add_lora(LoraSettings(**json.loads(metadata["lora"])))
-    check_fingerprints(json.loads(metadata.get("frozen_fingerprints", "{}")), model, path)
+    check_fingerprints(json.loads(metadata.get(FINGERPRINTS_KEY, "{}")), model, path)
     return load_weights(model, state, path, require_every_trainable)

@@ -11,11 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed import checkpoint as dcp
 
-from mllm_safety.model.trainable import check_fingerprints, load_weights
+from mllm_safety.model.trainable import FINGERPRINTS_KEY, check_fingerprints, load_weights
 from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, is_sharded_checkpoint
-
-FINGERPRINTS_KEY = "frozen_fingerprints"
-"""Where a Lightning checkpoint records the fingerprints of the frozen parts rebuilt from the config."""
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -42,7 +39,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         }
         dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
         return state, torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: only the tensors used are read, never the optimizer state (GBs for a 7B run's LoRA moments)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = checkpoint.pop("state_dict", None) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: no state_dict with weights in this checkpoint")

@@ -22,6 +22,7 @@ from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.trainable import (
+    FINGERPRINTS_KEY,
     check_fingerprints,
     check_weight_names,
     fingerprints,
@@ -33,7 +34,6 @@ from mllm_safety.model.trainable import (
     trainable_state_dict,
 )
 from mllm_safety.model.vision import VisionConfig, build_vision_encoder
-from mllm_safety.train.checkpoints import FINGERPRINTS_KEY
 from mllm_safety.train.parallel import FSDP2Strategy, shard_multimodal_lm
 from mllm_safety.train.token_mean import ReplyTokenMean
 

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, rebuild_train_loader_after_restore
+from mllm_safety.train.lightning_compat import (
+    SHARDED_METADATA_FILE,
+    is_sharded_checkpoint,
+    rebuild_train_loader_after_restore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def newest_checkpoint(folders: Iterable[str | Path]) -> Path | None:
     found: list[tuple[float, Path]] = []
     for folder in folders:
         for path in Path(folder).glob("*.ckpt"):
-            if path.is_dir() and (path / SHARDED_METADATA_FILE).is_file():
+            if is_sharded_checkpoint(path):
                 found.append(((path / SHARDED_METADATA_FILE).stat().st_mtime, path))
             elif path.is_file() and zipfile.is_zipfile(path):
                 found.append((path.stat().st_mtime, path))
