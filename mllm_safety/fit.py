@@ -103,7 +103,10 @@ def main(args: list[str] | None = None) -> SafetyCLI:
         trainer_defaults={"callbacks": [ExactResume()]},
     )
     ckpt_path = cli.resolve_ckpt_path(cli.use_run_folder(), required=False)
-    cli.trainer.callbacks.append(SameRunSettings(cli.run_settings(), cli.config.allow_changed_settings))
+    same_run = SameRunSettings(cli.run_settings(), cli.config.allow_changed_settings)
+    if ckpt_path is not None:
+        same_run.check_checkpoint(ckpt_path)
+    cli.trainer.callbacks.append(same_run)
     try:
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
     except JobRequeued as requeued:

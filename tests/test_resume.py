@@ -205,6 +205,8 @@ def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, 
     assert "model.lora.alpha: checkpoint 8, now 16" in str(error.value)
     assert "data.shuffle_buffer: checkpoint 256, now 8" in str(error.value), "another order of the stream"
     assert "seed" not in str(error.value), "only the settings that differ are named"
+    with pytest.raises(ValueError, match="model.lora.r: checkpoint 4, now 8"):  # named before the weights clash
+        fit(tmp_path, tmp_path / "second.txt", epochs=2, extra=("--model.lora.r", "8"))
 
     with caplog.at_level(logging.WARNING):
         resumed = fit(tmp_path, tmp_path / "third.txt", epochs=2, extra=(*changed, "--allow_changed_settings", "true"))

@@ -38,13 +38,25 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             if key.startswith("state_dict.") and hasattr(meta, "size")
         }
         dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
-        return state, torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
-    # mmap: only the tensors used are read, never the optimizer state (GBs for a 7B run's LoRA moments)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = checkpoint.pop("state_dict", None) if isinstance(checkpoint, dict) else None
+        return state, checkpoint_metadata(path)
+    checkpoint = checkpoint_metadata(path)
+    state = checkpoint.pop("state_dict", None)
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: no state_dict with weights in this checkpoint")
     return state, checkpoint
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint without reading its tensors: loops, callbacks' states, hyper-parameters (a file's
+    tensors are memory-mapped, read only when used; a sharded folder's are in other files)."""
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
+    # mmap: only the tensors used are read, never the optimizer state (GBs for a 7B run's LoRA moments)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no dict of states)")
+    return checkpoint
 
 
 def load_checkpoint_weights(module: L.LightningModule, path: str | Path) -> list[str]:

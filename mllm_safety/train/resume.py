@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from mllm_safety.train.checkpoints import checkpoint_metadata
 from mllm_safety.train.lightning_compat import (
     SHARDED_METADATA_FILE,
     is_sharded_checkpoint,
@@ -61,17 +62,30 @@ class SameRunSettings(L.Callback):
     """Refuses to resume from a checkpoint written with other model or data settings than this command's.
 
     The settings (flattened, e.g. ``data.rejection_ratio``) are saved in every checkpoint; on resume, any that
-    differ stop the run with an error naming them, unless ``allow_changes`` (then a warning names them).
+    differ stop the run with an error naming them, unless ``allow_changes`` (then a warning names them). Call
+    :meth:`check_checkpoint` before ``fit``: Lightning restores callback states only after the weights, so a changed
+    shape (``model.lora.r``) would otherwise fail first, with torch's size mismatch instead of the setting's name.
     """
 
     def __init__(self, settings: Mapping[str, Any], allow_changes: bool = False) -> None:
         self.settings = flatten(settings)
         self.allow_changes = allow_changes
+        self.checked = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"settings": self.settings}
 
+    def check_checkpoint(self, path: str | Path) -> None:
+        """Compare with the settings saved in the checkpoint at ``path`` (its tensors are not read)."""
+        states = checkpoint_metadata(path).get("callbacks") or {}
+        saved = next((state for key, state in states.items() if key.startswith(type(self).__qualname__)), None)
+        if saved is not None:
+            self.load_state_dict(saved)
+            self.checked = True
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.checked:  # already compared before fit
+            return
         saved = state_dict.get("settings", {})
         differ = {
             key: (saved.get(key, "<unset>"), self.settings.get(key, "<unset>"))
