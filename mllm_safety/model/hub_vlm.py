@@ -11,12 +11,11 @@ adapters on the language model only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import (
@@ -30,10 +29,9 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
-from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput
+from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
 PART_PREFIXES: dict[str, str] = {
@@ -241,17 +239,8 @@ class HubVLM(nn.Module):
         if labels is None:
             logits = self.hf(**inputs).logits + blank
             return MultimodalOutput(loss=None, logits=logits, num_label_tokens=torch.zeros((), dtype=torch.long))
-        # Only positions that predict a reply token go through the LM head (see MultimodalLM.forward).
-        targets = labels[:, 1:]
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        logits = self.hf(**inputs, logits_to_keep=keep).logits
-        targets = targets[:, keep]
-        num_label_tokens = (targets != IGNORE_INDEX).sum()
-        loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        loss = loss_sum / num_label_tokens.clamp(min=1) + blank
-        return MultimodalOutput(loss=loss, logits=logits, num_label_tokens=num_label_tokens)
+        out = reply_token_loss(labels, lambda keep: self.hf(**inputs, logits_to_keep=keep).logits)
+        return replace(out, loss=out.loss + blank)
 
     @torch.no_grad()
     def generate(
@@ -271,8 +260,7 @@ class HubVLM(nn.Module):
         (no repetition penalty), so every family is evaluated alike: sampling is a processor perturbing the scores,
         seeded per row. ``eos_token_id`` defaults to the checkpoint's.
         """
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
+        check_left_padded(attention_mask)
         images = self._images(pixel_values, image_inputs)
         self._blank_image_term(images)
         out = self.hf.generate(

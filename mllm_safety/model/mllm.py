@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,28 @@ class MultimodalOutput:
     """``(B, L, V)`` without labels; with labels only at the positions that predict a reply token of some sample."""
     num_label_tokens: torch.Tensor
     """How many tokens the loss averages over; a trainer needs it to weight batches of different size."""
+
+
+def reply_token_loss(labels: torch.Tensor, logits_at: Callable[[torch.Tensor], torch.Tensor]) -> MultimodalOutput:
+    """The mean cross-entropy over the batch's reply tokens. ``logits_at(positions)`` runs the model with only those
+    positions through the LM head (``logits_to_keep``): the logit at t predicts token t+1, and prompts and image
+    tokens are most of a LLaVA sequence while the head is a large share of a small LLM."""
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = logits_at(keep)
+    targets = targets[:, keep]
+    num_label_tokens = (targets != IGNORE_INDEX).sum()
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return MultimodalOutput(
+        loss=loss_sum / num_label_tokens.clamp(min=1), logits=logits, num_label_tokens=num_label_tokens
+    )
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
 
 
 def check_projector_sizes(vision: nn.Module, projector: nn.Module, llm: PreTrainedModel) -> None:
@@ -114,24 +137,17 @@ class MultimodalLM(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
             return MultimodalOutput(loss=None, logits=logits, num_label_tokens=torch.zeros((), dtype=torch.long))
-        # Logit at position t predicts token t+1. Only positions that predict a reply token go through the LM head:
-        # prompts and image tokens are most of a LLaVA sequence, and the head is a large share of a small LLM.
-        targets = labels[:, 1:]
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        logits = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            use_cache=False,  # a KV cache only costs memory when nothing is generated
-        ).logits
-        targets = targets[:, keep]
-        num_label_tokens = (targets != IGNORE_INDEX).sum()
-        loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return MultimodalOutput(
-            loss=loss_sum / num_label_tokens.clamp(min=1), logits=logits, num_label_tokens=num_label_tokens
+        return reply_token_loss(
+            labels,
+            lambda keep: (
+                self.llm(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    logits_to_keep=keep,
+                    use_cache=False,  # a KV cache only costs memory when nothing is generated
+                ).logits
+            ),
         )
 
     @torch.no_grad()
@@ -150,8 +166,7 @@ class MultimodalLM(nn.Module):
         Greedy over the scores after ``logits_processor``: sampling is a processor that perturbs the scores (seeded
         per row), so that a row's reply never depends on the rows beside it.
         """
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
+        check_left_padded(attention_mask)
         embeds = self.embed(input_ids, pixel_values)
         return self.llm.generate(
             inputs_embeds=embeds,
