@@ -15,7 +15,7 @@ from PIL import Image
 
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import ChatEncoder, Conversation, SampleError, truncate
-from mllm_safety.data.processor import Batch, ModelSample, pad_tokens
+from mllm_safety.data.processor import Batch, ModelSample, long_tensor, pad_tokens
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -81,7 +81,9 @@ class HubProcessor:
                 f"the chat template placed {len(holding)} image marker(s) {self.image_token!r} for "
                 f"{int(image is not None)} image",
             )
-        tokenized = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # the span holding the image is tokenized by the processor, with its image tokens expanded
+        tokenized = self.tokenizer(["" if i in holding else t for i, t in enumerate(texts)], add_special_tokens=False)
+        tokenized = tokenized["input_ids"]
         input_ids, labels = list(self.encoder.bos), [IGNORE_INDEX] * len(self.encoder.bos)
         images: dict[str, torch.Tensor] = {}
         per_token: dict[str, list[int]] = {}
@@ -99,11 +101,11 @@ class HubProcessor:
             input_ids, labels = truncate(sample_id, input_ids, labels, max_length, keep)
         return ModelSample(
             id=sample_id,
-            input_ids=torch.tensor(input_ids),
-            labels=torch.tensor(labels),
+            input_ids=long_tensor(input_ids),
+            labels=long_tensor(labels),
             pixel_values=images.pop("pixel_values", None),
             image_inputs=images,
-            token_inputs={name: torch.tensor(values[: len(input_ids)]) for name, values in per_token.items()},
+            token_inputs={name: long_tensor(values[: len(input_ids)]) for name, values in per_token.items()},
         )
 
     def stream_sample(self, conversation: Conversation) -> ModelSample:
