@@ -179,7 +179,7 @@ class ChatEncoder:
         """``image_parts``: give the template the image as a content part (``{"type": "image"}``) where a user turn
         holds ``<image>``, so that it writes the model's own image marker (hub VLMs, whose processor expands that
         marker); otherwise ``<image>`` stays in the text and is expanded to ``num_image_tokens`` ids here."""
-        if not getattr(tokenizer, "is_fast", False):
+        if not image_parts and not getattr(tokenizer, "is_fast", False):  # hub VLMs tokenize span by span
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: label masks need the character "
                 "offsets of its tokens"
