@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,12 +40,12 @@ def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
     )
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires a gradient, as full tensors on the CPU (sharded DTensors are gathered, so every
-    rank must call this)."""
+def trainable_state_dict(model: nn.Module, include: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Every parameter that requires a gradient, and the frozen ones named in ``include``, as full tensors on the CPU
+    (sharded DTensors are gathered, so every rank must call this)."""
     state = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad or name in include:
             tensor = param.detach()
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()

@@ -64,6 +64,9 @@ class TrainableParts:
     """Train the projector."""
     llm: bool = False
     """Train every LLM weight (full finetuning); with LoRA the base LLM stays frozen and only adapters learn."""
+    lora: bool = True
+    """Train the LoRA adapters (with ``model.lora`` set); false keeps them as built or loaded from
+    ``model.init_weights``, e.g. to align only the projector of a model whose adapters an earlier stage trained."""
 
 
 class SafetyAlignModule(L.LightningModule):
@@ -85,6 +88,7 @@ class SafetyAlignModule(L.LightningModule):
         optim: OptimSettings = OptimSettings(),
         gradient_checkpointing: bool = False,
         frozen_dtype: FrozenDtype = "float32",
+        init_weights: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -100,6 +104,11 @@ class SafetyAlignModule(L.LightningModule):
             frozen_dtype: Storage dtype of the frozen weights (vision tower, base LLM); trainable weights stay
                 float32 for the optimizer. ``bfloat16`` halves the memory of a 7B model and needs
                 ``trainer.precision: bf16-mixed``.
+            init_weights: Trainable-weights files (``trainable.safetensors`` of an earlier run, or a pretrained
+                tower) loaded into the built model in order, a later file overriding an earlier one: a run starts
+                from an earlier stage's tower, projector and LoRA adapters. Their weights, frozen ones included, are
+                also written to this run's trainable-weights file, so that file holds everything the config does
+                not rebuild.
         """
         super().__init__()
         self.optim = optim
@@ -127,6 +136,7 @@ class SafetyAlignModule(L.LightningModule):
         else:
             model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
         self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
+        self.init_names = _load_init_weights(self.model, init_weights or [], trainable.lora)
         self.model.train()  # from_pretrained leaves the LLM in eval mode; evaluation switches modes explicitly
         self.processor = MultimodalProcessor(
             ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length),
@@ -163,7 +173,7 @@ class SafetyAlignModule(L.LightningModule):
 
         Every rank must call this (sharded weights are gathered); only ranks with ``write`` write the file.
         """
-        state = trainable_state_dict(self.model)
+        state = trainable_state_dict(self.model, include=self.init_names)
         if write:
             template = self.processor.tokenizer.chat_template
             save_trainable(self.model, path, lora=self.lora_settings, chat_template=template, state=state)
@@ -238,7 +248,26 @@ def _prepare_training(
     model.llm.requires_grad_(trainable.llm)
     if lora is not None:
         model.llm = apply_lora(model.llm, lora)
+        _set_lora_trainable(model, trainable.lora)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
+
+
+def _set_lora_trainable(model: MultimodalLM, trainable: bool) -> None:
+    for name, param in model.llm.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(trainable)
+
+
+def _load_init_weights(model: MultimodalLM, paths: list[str], train_lora: bool) -> frozenset[str]:
+    """Load each trainable-weights file into ``model`` in order; the names of every weight loaded."""
+    names: set[str] = set()
+    for path in paths:
+        had_lora = any(".lora_" in name for name, _ in model.named_parameters())
+        names.update(load_trainable(model, path))
+        if not had_lora:  # adapters created from the file's settings follow trainable.lora like configured ones
+            _set_lora_trainable(model, train_lora)
+        rank_zero_info(f"init_weights: loaded {path}")
+    return frozenset(names)
