@@ -12,12 +12,14 @@ over-refusal.
 | ``harmbench`` | a HarmBench behaviour CSV | ``text``, ``image`` (FigStep-rendered) |
 | ``xstest`` | XSTest ``xstest_prompts.csv`` (or ``xstest_v2_prompts.csv``) | ``safe`` (benign), ``unsafe`` |
 | ``demo`` | none (bundled) or a file of the demo layout | ``typographic``, ``text``, ``benign`` |
+| ``world`` | none (bundled) | ``text``, ``typographic``, ``benign_text``, ``benign_typographic``, ... |
 """
 
 from mllm_safety.evaluation.sets import Task
-from mllm_safety.evaluation.tasks import advbench, demo, figstep, harmbench, mmsafetybench, vlguard, xstest
+from mllm_safety.evaluation.tasks import advbench, demo, figstep, harmbench, mmsafetybench, vlguard, world, xstest
 
 TASKS: dict[str, Task] = {
-    module.TASK.name: module.TASK for module in (demo, figstep, mmsafetybench, vlguard, advbench, harmbench, xstest)
+    module.TASK.name: module.TASK
+    for module in (demo, world, figstep, mmsafetybench, vlguard, advbench, harmbench, xstest)
 }
 """Benchmark name -> its task."""
