@@ -68,6 +68,16 @@ def test_training_sets_never_show_a_harmful_request_except_to_refuse_it_nor_anyt
                        "Thanks!" in r["conversations"][0]["value"] for r in refused)  # fmt: skip
 
 
+def test_a_text_share_keeps_the_chat_models_text_data_and_never_refuses_an_image(tokenizer):
+    records = list(_Generator(tokenizer, WorldData(kind="visual", samples=300, seed=2, text_share=0.3)))
+    text = [r for r, image in records if image is None]
+    assert 0.2 < len(text) / len(records) < 0.4
+    assert any(r["conversations"][1]["value"] in bank.REFUSALS for r in text)
+    assert not any(r["conversations"][1]["value"] in bank.REFUSALS for r, image in records if image is not None)
+    with pytest.raises(ValueError, match="text_share"):
+        WorldData(text_share=1.0)
+
+
 def test_visual_tasks_are_varied_images_and_answered(tokenizer):
     records = generated(tokenizer, "visual", 200)
     assert all(image is not None and record["image"].endswith(".png") for record, image in records)

@@ -35,7 +35,7 @@ from mllm_safety.world import bank
 from mllm_safety.world.typography import GRID, IMAGE_SIZE, render_board
 
 WorldKind = Literal["align", "transcribe", "visual"]
-_VERSION = 1
+_VERSION = 2
 """Bump when generation changes, so cached sets of an older version are not reused."""
 
 TRANSCRIBE_PROMPT = "What does the text in the image say?"
@@ -67,12 +67,18 @@ class WorldData:
     """Samples to generate."""
     seed: int = 0
     """Seed of the samples (stage 3 uses another seed than stage 2: new samples of the same tasks)."""
+    text_share: float = 0.0
+    """Share of the samples drawn from the ``align`` set instead (text only, held-in harmful requests refused), as
+    LLaVA's instruction mix keeps the chat model's own text conversations: the LLM stays aligned on text while the
+    images are tuned. No image sample is ever refused."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("align", "transcribe", "visual"):
             raise ValueError(f"unknown world data kind {self.kind!r}; use align, transcribe or visual")
         if self.samples < 1:
             raise ValueError(f"world samples must be >= 1, got {self.samples}")
+        if not 0.0 <= self.text_share < 1.0:
+            raise ValueError(f"world text_share must be in [0, 1), got {self.text_share}")
 
 
 def pieces(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str] | None:
@@ -125,10 +131,10 @@ class _Generator:
 
     def align(self) -> tuple[list[dict[str, str]], None]:
         draw = self.rng.random()
-        if draw < 0.3:
+        if draw < 0.25:
             pair = self.rng.choice(self.held_in)
             prompt, reply = pair.harmful, self.rng.choice(bank.REFUSALS)
-        elif draw < 0.6:
+        elif draw < 0.7:  # twins weigh most: they teach that the form of a request is not what makes it harmful
             pair = self.rng.choice(self.held_in)
             prompt, reply = pair.benign, pair.answer
         else:
@@ -164,8 +170,9 @@ class _Generator:
         make = getattr(self, self.data.kind)
         count = 0
         while count < self.data.samples:
-            turns, png = make()
-            if png is None and self.data.kind != "align":
+            text = self.data.kind == "align" or self.rng.random() < self.data.text_share
+            turns, png = self.align() if text else make()
+            if png is None and not text:
                 continue  # a text too long for a board
             sample_id = f"world-{self.data.kind}-{self.data.seed}-{count:06d}"
             record = {"id": sample_id, "conversations": turns}
@@ -190,7 +197,9 @@ def ensure_world_shards(cache: str | Path, tokenizer: PreTrainedTokenizerBase, d
     """The shards of ``data`` under ``cache``, generated on first use (and reused while the parameters match)."""
     vocab_sum = zlib.crc32("\n".join(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))).encode())
     params = {"version": _VERSION, "kind": data.kind, "samples": data.samples, "seed": data.seed, "vocab": vocab_sum}
-    out_dir = Path(cache) / f"world-v{_VERSION}-{data.kind}-n{data.samples}-s{data.seed}-t{vocab_sum:08x}"
+    params["text_share"] = data.text_share
+    name = f"world-v{_VERSION}-{data.kind}-n{data.samples}-s{data.seed}-x{data.text_share:g}-t{vocab_sum:08x}"
+    out_dir = Path(cache) / name
     return write_generated_shards(out_dir, "world", params, _Generator(tokenizer, data), shard_size=256)
 
 

@@ -191,13 +191,20 @@ def pretrain(settings: TowerSettings) -> dict[str, float]:
 
 
 @torch.no_grad()
-def init_patch_embedding(encoder: nn.Module, boards: Boards, samples: int = 32) -> None:
-    """Start the patch embedding at the principal components of board cells (unit variance each), so the tower
-    tells pieces apart from the first step instead of first discovering what varies between them."""
+def init_patch_embedding(encoder: nn.Module, boards: Boards) -> None:
+    """Start the patch embedding at the principal components of the vocabulary's glyphs (each written once, whitened),
+    so the tower tells pieces apart from the first step instead of first discovering what varies between them."""
     conv = encoder.visual.conv1
-    images, _ = boards.batch(samples)
-    size = conv.kernel_size[0]
+    size, cells_per_board = conv.kernel_size[0], GRID * GRID
+    readable = boards.readable
+    images = torch.stack(
+        [
+            boards.transform(render_board([boards.pieces[i] for i in readable[start : start + cells_per_board]]))
+            for start in range(0, len(readable), cells_per_board)
+        ]
+    )
     cells = images.unfold(2, size, size).unfold(3, size, size).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(0, 2)
+    cells = cells[: len(readable)]  # the last board's blank cells are not glyphs
     mean = cells.mean(0)
     _, singular, components = torch.linalg.svd(cells - mean, full_matrices=False)
     width = conv.out_channels
