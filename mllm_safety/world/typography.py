@@ -59,7 +59,7 @@ def _layout(piece: str) -> tuple[int, tuple[str, ...]] | None:
 
 def fits(piece: str) -> bool:
     """Whether ``piece`` can be written in one cell (printable, no line break, short enough)."""
-    return piece.isprintable() and bool(piece.strip()) and _layout(piece) is not None
+    return piece.isprintable() and "\ufffd" not in piece and bool(piece.strip()) and _layout(piece) is not None
 
 
 @cache
