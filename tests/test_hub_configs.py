@@ -102,5 +102,5 @@ def test_totals_without_adapters_are_the_published_model_sizes():
 def test_config_parses_with_the_cli_and_has_the_papers_recipe(name, capsys):
     resolved = resolved_paper_config(CONFIGS / f"{name}.yaml", capsys)
     model = resolved["model"]
-    assert model["trainable"] == {"vision": False, "projector": False, "llm": False}
+    assert model["trainable"] == {"vision": False, "projector": False, "llm": False, "lora": True}
     assert model["pretrained"] and model["llava"] is None and model["llm"] is None

@@ -8,6 +8,7 @@ import yaml
 from conftest import LLAVA_HF_CHAT_TEMPLATE
 from jsonargparse import ArgumentParser
 from paper_recipe import resolved_paper_config
+from tiny_models import TINY_LLM
 from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaConfig, LlavaProcessor
 
 from mllm_safety.data.conversation import parse_llava_record
@@ -227,7 +228,7 @@ def test_paper_config_builds_llava15_with_the_recipe(tmp_path, size, hidden, lay
 def test_paper_config_parses_with_the_cli(size, capsys):
     model = resolved_paper_config(CONFIGS / f"llava15_{size}_lora.yaml", capsys)["model"]
     assert model["optim"]["projector_lr"] == 2e-5
-    assert model["trainable"] == {"vision": False, "projector": True, "llm": False}
+    assert model["trainable"] == {"vision": False, "projector": True, "llm": False, "lora": True}
     assert model["gradient_checkpointing"] is True and model["frozen_dtype"] == "bfloat16"
 
 
@@ -241,3 +242,70 @@ def test_projector_that_does_not_fit_the_vision_or_llm_size_is_a_clear_error(tin
         MultimodalLM(vision, build_projector("mlp2x_gelu", 64, 32), tiny_llm)
     with pytest.raises(ValueError, match="projector maps 128 -> 48 .* the LLM takes 32"):
         MultimodalLM(vision, build_projector("linear", 128, 48), tiny_llm)
+
+
+def parts_module(**kwargs):
+    kwargs.setdefault("lora", LoraSettings(r=4, alpha=8))
+    torch.manual_seed(kwargs.pop("seed", 0))
+    return SafetyAlignModule(
+        llm=LLMConfig(random_init=TINY_LLM), vision=VisionConfig(name="tiny-vit"), max_length=256, **kwargs
+    )
+
+
+def test_init_weights_start_a_run_from_an_earlier_stage_and_its_file_carries_them_on(tmp_path):
+    # an earlier stage: a "pretrained" tower (frozen later), its projector and LoRA adapters, all perturbed
+    earlier = parts_module(trainable=TrainableParts(vision=True), seed=1)
+    with torch.no_grad():
+        for param in earlier.model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    earlier.save_trainable(tmp_path / "earlier.safetensors")
+    expected = {name: p.detach().clone() for name, p in earlier.model.named_parameters() if p.requires_grad}
+
+    # the next stage trains only the projector: the tower and the adapters are loaded and stay frozen
+    # (the same seed: the LLM is rebuilt, not loaded, and its fingerprint must match)
+    stage = parts_module(
+        trainable=TrainableParts(vision=False, projector=True, lora=False),
+        init_weights=[str(tmp_path / "earlier.safetensors")],
+        seed=1,
+    )
+    params = dict(stage.model.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(params[name], value), name
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    assert trainable and all(name.startswith("projector.") for name in trainable)
+
+    # its file holds what it trained and what it was given, so the stage after needs this one file only
+    stage.save_trainable(tmp_path / "stage.safetensors")
+    after = parts_module(seed=1, init_weights=[str(tmp_path / "stage.safetensors")])
+    after_params = dict(after.model.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(after_params[name], value), name
+    assert any(".lora_" in n and p.requires_grad for n, p in after_params.items())  # trainable.lora defaults to true
+
+
+def test_init_weights_later_files_win_and_adapters_created_from_a_file_follow_trainable_lora(tmp_path):
+    first, second = parts_module(seed=1), parts_module(seed=1)  # one frozen LLM; the projectors differ below
+    for module, path in ((first, "first.safetensors"), (second, "second.safetensors")):
+        with torch.no_grad():
+            module.model.projector[0].weight.normal_()
+        module.save_trainable(tmp_path / path)
+    files = [str(tmp_path / "first.safetensors"), str(tmp_path / "second.safetensors")]
+    stage = parts_module(lora=None, init_weights=files, trainable=TrainableParts(projector=True, lora=False), seed=1)
+    assert not torch.equal(first.model.projector[0].weight, second.model.projector[0].weight)
+    assert torch.equal(stage.model.projector[0].weight, second.model.projector[0].weight)
+    lora = [p for n, p in stage.model.named_parameters() if ".lora_" in n]
+    assert lora and not any(p.requires_grad for p in lora)
+
+
+def test_init_weights_of_another_model_are_a_clear_error(tmp_path):
+    other = SafetyAlignModule(
+        llm=LLMConfig(random_init={**TINY_LLM, "hidden_size": 48}),
+        vision=VisionConfig(name="tiny-vit"),
+        lora=None,
+    )
+    other.save_trainable(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors.*shape"):
+        parts_module(init_weights=[str(tmp_path / "other.safetensors")])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        parts_module(init_weights=[str(tmp_path / "missing.safetensors")])

@@ -16,6 +16,7 @@ from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
 from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode, StreamPosition
 from mllm_safety.data.synthetic import ensure_demo_shards
+from mllm_safety.world.samples import WorldData, ensure_world_shards
 
 # The stream gives every worker its own share and reports its exact length; Lightning warns about any such dataset.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -46,6 +47,7 @@ class SafetyDataModule(L.LightningDataModule):
         skip_bad_samples: bool = True,
         demo_samples: int = 512,
         donor_images: int = 64,
+        world: WorldData | None = None,
     ) -> None:
         """
         Args:
@@ -71,6 +73,8 @@ class SafetyDataModule(L.LightningDataModule):
                 damaged shard), logged as ``data/skipped_<reason>``, instead of stopping the run.
             demo_samples: Size of the generated demo set when ``train_shards`` is ``None``.
             donor_images: Images collected from the data for ``rejection.image: other``.
+            world: Generate one of the world's training sets instead (``mllm_safety.world``: ``{kind, samples,
+                seed}``), tokenized for the model's LLM; leave ``train_shards`` unset.
         """
         super().__init__()
         self.rejection = rejection
@@ -90,6 +94,8 @@ class SafetyDataModule(L.LightningDataModule):
         ]
         if mode == "exact" and num_samples is not None:
             problems.append("num_samples sets the epoch of mode 'resampled'; exact mode takes it from the manifest")
+        if world is not None and train_shards is not None:
+            problems.append("data.world generates the training set; leave data.train_shards unset")
         if problems:
             raise ValueError("; ".join(problems))
         self.train_shards = train_shards
@@ -104,6 +110,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.skip_bad_samples = skip_bad_samples
         self.demo_samples = demo_samples
         self.donor_images = donor_images
+        self.world = world
         self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
         self.position = StreamPosition()
@@ -115,11 +122,21 @@ class SafetyDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.train_shards is None:
-            ensure_demo_shards(cache_dir() / "data", self.demo_samples, self.seed)
+            self._generated_shards()
+
+    def _generated_shards(self) -> list[str]:
+        """The shards of the world set or the demo set, generated on first use."""
+        if self.world is not None:
+            if self.processor is None:
+                raise RuntimeError("data.world needs the model's tokenizer: call connect(model.processor) first")
+            shards = ensure_world_shards(cache_dir() / "data", self.processor.tokenizer, self.world)
+        else:
+            shards = ensure_demo_shards(cache_dir() / "data", self.demo_samples, self.seed)
+        return [str(p) for p in shards]
 
     def setup(self, stage: str) -> None:
         if self.train_shards is None:
-            shards = [str(p) for p in ensure_demo_shards(cache_dir() / "data", self.demo_samples, self.seed)]
+            shards = self._generated_shards()
         else:
             shards = expand_shards(self.train_shards)
         entries = manifest_entries(shards)

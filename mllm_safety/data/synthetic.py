@@ -15,7 +15,7 @@ import io
 import random
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,13 +338,13 @@ def held_out_scene_questions(num_questions: int, image_size: int = 224) -> list[
     return out
 
 
-def _existing_shards(out_dir: Path, params: dict) -> list[Path] | None:
+def _existing_shards(out_dir: Path, source: str, params: dict) -> list[Path] | None:
     """The shards of a complete set written with ``params``, or None if there is none to reuse."""
     try:
         manifest = Manifest.read(out_dir)
     except (OSError, ValueError):
         return None
-    if manifest is None or manifest.params.get(SOURCE) != params:
+    if manifest is None or manifest.params.get(source) != params:
         return None
     shards = [out_dir / entry.name for entry in manifest.shards]
     return shards if shards and all(shard.is_file() for shard in shards) else None
@@ -355,11 +355,8 @@ def write_demo_shards(
 ) -> list[Path]:
     """Write the demo set as webdataset shards plus ``manifest.json`` and return the shard paths.
 
-    Reuses a complete set with the same parameters untouched. Otherwise the set is written to a temporary sibling
-    directory and renamed into place, so an interrupted run or a concurrent writer never leaves a half-written set
-    under ``out_dir``; if another process installs the same set first, its copy is kept.
+    Reuses a complete set with the same parameters untouched (see :func:`write_generated_shards`).
     """
-    out_dir = Path(out_dir)
     params = {
         "version": _VERSION,
         "num_samples": num_samples,
@@ -367,28 +364,48 @@ def write_demo_shards(
         "image_size": image_size,
         "shard_size": shard_size,
     }
-    if (shards := _existing_shards(out_dir, params)) is not None:
-        return shards
     if num_samples < 1 or shard_size < 1:
         raise ValueError(f"num_samples and shard_size must be >= 1, got {num_samples} and {shard_size}")
-    samples = generate_demo_samples(num_samples, seed, image_size)
+    samples = (
+        (s.record, ("png", s.png) if s.png else None) for s in generate_demo_samples(num_samples, seed, image_size)
+    )
+    return write_generated_shards(out_dir, SOURCE, params, samples, shard_size)
+
+
+def write_generated_shards(
+    out_dir: str | Path,
+    source: str,
+    params: dict,
+    samples: Iterable[tuple[dict, tuple[str, bytes] | None]],
+    shard_size: int = 128,
+) -> list[Path]:
+    """Write generated ``(record, image)`` samples as one source's shards plus ``manifest.json``; the shard paths.
+
+    ``params`` records how the set was made: a complete set under ``out_dir`` with the same ``params`` is reused
+    untouched (and ``samples`` not consumed). Otherwise the set is written to a temporary sibling directory and
+    renamed into place, so an interrupted run or a concurrent writer never leaves a half-written set under
+    ``out_dir``; if another process installs the same set first, its copy is kept.
+    """
+    out_dir = Path(out_dir)
+    if (shards := _existing_shards(out_dir, source, params)) is not None:
+        return shards
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        with ShardSetWriter(tmp, SOURCE, shard_size) as writer:
-            for sample in samples:
-                writer.write(sample.record["id"], sample.record, ("png", sample.png) if sample.png else None)
-        Manifest(shards=writer.entries, params={SOURCE: params}).write(tmp)
-        _install(tmp, out_dir, params)
+        with ShardSetWriter(tmp, source, shard_size) as writer:
+            for record, image in samples:
+                writer.write(record["id"], record, image)
+        Manifest(shards=writer.entries, params={source: params}).write(tmp)
+        _install(tmp, out_dir, source, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out_dir / entry.name for entry in writer.entries]
 
 
-def _install(tmp: Path, out_dir: Path, params: dict) -> None:
+def _install(tmp: Path, out_dir: Path, source: str, params: dict) -> None:
     """Move a finished set into place with one rename, first moving aside anything stale already there."""
-    if _existing_shards(out_dir, params) is not None:
+    if _existing_shards(out_dir, source, params) is not None:
         return
     stale = out_dir.with_name(f".{out_dir.name}.stale-{uuid.uuid4().hex}")
     if out_dir.exists():
@@ -396,7 +413,7 @@ def _install(tmp: Path, out_dir: Path, params: dict) -> None:
     try:
         tmp.rename(out_dir)
     except OSError:
-        if _existing_shards(out_dir, params) is None:
+        if _existing_shards(out_dir, source, params) is None:
             raise
     finally:
         shutil.rmtree(stale, ignore_errors=True)

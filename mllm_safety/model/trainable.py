@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,19 @@ def keep_trainable(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]
     return {name: value for name, value in state.items() if name in names}
 
 
-def trainable_state_dict(model: nn.Module, full: bool = True) -> dict[str, torch.Tensor]:
-    """The trainable weights of ``model``, frozen ones never gathered or copied.
+def trainable_state_dict(model: nn.Module, full: bool = True, include: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The trainable weights of ``model``, and the frozen ones named in ``include`` (weights a run started from, which
+    its output must carry on); other frozen weights are never copied.
 
     ``full``: whole tensors on the CPU of rank 0 (a single process is rank 0; other ranks get nothing). Sharded
     weights are gathered to rank 0 only, one at a time (torch's ``get_model_state_dict`` with full state and CPU
-    offload), so every rank must call this. Otherwise: each rank's own shards (a sharded checkpoint).
+    offload), so every rank must call this. Otherwise: each rank's own shards (a sharded checkpoint). With ``include``
+    the frozen weights are gathered too (torch cannot pick single frozen ones), then dropped.
     """
-    options = StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
-    return keep_trainable(get_model_state_dict(model, options=options), model)
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=not include)
+    state = get_model_state_dict(model, options=options)
+    names = trainable_names(model) | set(include)
+    return {name: value for name, value in state.items() if name in names}
 
 
 def check_weight_names(
@@ -124,9 +128,10 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
 
 
-def fingerprint(module: nn.Module) -> dict[str, Any] | None:
-    """Shapes and a SHA-256 of the frozen weights of ``module`` (``None`` on the meta device: nothing to compare)."""
-    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+def fingerprint(module: nn.Module, names: Collection[str] | None = None) -> dict[str, Any] | None:
+    """Shapes and a SHA-256 of the frozen weights of ``module``, or of the weights ``names`` (those a recorded
+    fingerprint covered: a part may have trained then and be frozen now); ``None`` on the meta device."""
+    frozen = [(n, p) for n, p in module.named_parameters() if (not p.requires_grad if names is None else n in names)]
     if any(p.is_meta for _, p in frozen):
         return None
     digest = hashlib.sha256()
@@ -151,7 +156,7 @@ def fingerprints(model: nn.Module, parts: Iterable[str]) -> Fingerprints:
 def check_fingerprints(recorded: Fingerprints | None, model: nn.Module, source: str | Path) -> None:
     """Stop when a frozen part of ``model`` differs from the one ``source`` was trained with."""
     for part, expected in (recorded or {}).items():
-        actual = fingerprint(model.get_submodule(part))
+        actual = fingerprint(model.get_submodule(part), names=set(expected["shapes"]))
         if actual is None or actual == expected:
             continue
         if actual["shapes"] != expected["shapes"]:
@@ -231,5 +236,7 @@ def load_trainable(model: nn.Module, path: str | Path, require_every_trainable: 
         if "lora" not in metadata:
             raise ValueError(f"{path} holds LoRA weights but no LoRA settings to re-create the adapters")
         model.add_lora(LoraSettings(**json.loads(metadata["lora"])))
+    loaded = load_weights(model, state, path, require_every_trainable)
+    # after loading: a file that carries a frozen part's weights (a world stage's output) matches by construction
     check_fingerprints(json.loads(metadata.get(FINGERPRINTS_KEY, "{}")), model, path)
-    return load_weights(model, state, path, require_every_trainable)
+    return loaded

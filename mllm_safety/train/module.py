@@ -72,6 +72,9 @@ class TrainableParts:
     """Train the projector."""
     llm: bool = False
     """Train every LLM weight (full finetuning); with LoRA the base LLM stays frozen and only adapters learn."""
+    lora: bool = True
+    """Train the LoRA adapters (with ``model.lora`` set); false keeps them as built or loaded from
+    ``model.init_weights``, e.g. to align only the projector of a model whose adapters an earlier stage trained."""
 
 
 class SafetyAlignModule(L.LightningModule):
@@ -96,6 +99,7 @@ class SafetyAlignModule(L.LightningModule):
         optim: OptimSettings = OptimSettings(),
         gradient_checkpointing: bool = False,
         frozen_dtype: FrozenDtype = "float32",
+        init_weights: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -115,6 +119,11 @@ class SafetyAlignModule(L.LightningModule):
             frozen_dtype: Storage dtype of the frozen weights (vision tower, base LLM); trainable weights stay
                 float32 for the optimizer. ``bfloat16`` halves the memory of a 7B model and needs
                 ``trainer.precision: bf16-mixed``.
+            init_weights: Trainable-weights files (``trainable.safetensors`` of an earlier run, or a pretrained
+                tower) loaded into the built model in order, a later file overriding an earlier one: a run starts
+                from an earlier stage's tower, projector and LoRA adapters. Their weights, frozen ones included, are
+                also written to this run's trainable-weights file, so that file holds everything the config does
+                not rebuild.
         """
         super().__init__()
         self.optim = optim
@@ -161,6 +170,7 @@ class SafetyAlignModule(L.LightningModule):
                 stop_token_ids(model.generation_config, tokenizer),
             )
         self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
+        self.init_names = _load_init_weights(self.model, init_weights or [], trainable.lora)
         self.model.train()  # from_pretrained leaves the LLM in eval mode; evaluation switches modes explicitly
         # Counted before any sharding, so the figures are the model's, not one rank's.
         self.parameter_counts = parameter_counts(self.model)
@@ -192,8 +202,9 @@ class SafetyAlignModule(L.LightningModule):
 
     def save_trainable(self, path: str | Path, write: bool = True) -> None:
         """Write the trainable weights, LoRA settings, chat template and frozen-part fingerprints to one safetensors
-        file. Every rank must call this (sharded weights are gathered to rank 0); only ranks with ``write`` write."""
-        state = trainable_state_dict(self.model)
+        file, with the frozen weights that ``init_weights`` loaded (so a stage's output carries what it started from).
+        Every rank must call this (sharded weights are gathered to rank 0); only ranks with ``write`` write."""
+        state = trainable_state_dict(self.model, include=self.init_names)
         if write:
             template = self.processor.tokenizer.chat_template
             save_trainable(path, state, self.lora_settings, template, self.frozen_fingerprints)
@@ -290,7 +301,26 @@ def _prepare_training(
         param.requires_grad_(getattr(trainable, parts[name]))
     if lora is not None:
         model.add_lora(lora)
+        _set_lora_trainable(model, trainable.lora)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
+
+
+def _set_lora_trainable(model: MultimodalLM | HubVLM, trainable: bool) -> None:
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(trainable)
+
+
+def _load_init_weights(model: MultimodalLM | HubVLM, paths: list[str], train_lora: bool) -> frozenset[str]:
+    """Load each trainable-weights file into ``model`` in order; the names of every weight loaded."""
+    names: set[str] = set()
+    for path in paths:
+        had_lora = any(".lora_" in name for name, _ in model.named_parameters())
+        names.update(load_trainable(model, path, require_every_trainable=False))
+        if not had_lora:  # adapters created from the file's settings follow trainable.lora like configured ones
+            _set_lora_trainable(model, train_lora)
+        rank_zero_info(f"init_weights: loaded {path}")
+    return frozenset(names)

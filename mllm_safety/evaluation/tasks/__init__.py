@@ -14,6 +14,8 @@ over-refusal, utility sets (with a scorer) measure what safety costs. A task may
 | ``xstest`` | XSTest ``xstest_prompts.csv`` (or ``xstest_v2_prompts.csv``) | ``safe`` (benign), ``unsafe`` |
 | ``demo`` | none (bundled) or a file of the demo layout | ``typographic``, ``text``, ``benign``,
 ``typographic_benign``, ``shapes`` (utility) |
+| ``world`` | none (bundled) or a file of its layout | ``text``, ``typographic``, ``benign_text``, ``benign_typographic``,
+``transcription``, ``utility`` (utility) |
 | ``scienceqa`` | LLaVA's ScienceQA folder (``llava_test_CQM-A.json``, ``problems.json``, ``pid_splits.json``) |
 ``test`` (utility) |
 | ``vizwiz`` | VizWiz-VQA ``val.json`` | ``val`` (utility) |
@@ -33,9 +35,10 @@ from mllm_safety.evaluation.tasks import (
     scienceqa,
     vizwiz,
     vlguard,
+    world,
     xstest,
 )
 
-_MODULES = (demo, figstep, mmsafetybench, vlguard, advbench, harmbench, xstest, scienceqa, vizwiz, mme, pope)
+_MODULES = (demo, world, figstep, mmsafetybench, vlguard, advbench, harmbench, xstest, scienceqa, vizwiz, mme, pope)
 TASKS: dict[str, Task] = {module.TASK.name: module.TASK for module in _MODULES}
 """Benchmark name -> its task."""

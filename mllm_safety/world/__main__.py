@@ -1,0 +1,3 @@
+from mllm_safety.world.driver import main
+
+main()

@@ -1,0 +1,124 @@
+"""The world driver: stages chained through their weights, finished stages reused, changed ones rerun, the table."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_safety.model.trainable import save_trainable
+from mllm_safety.world.driver import COLUMNS, main
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "world"
+
+
+class FakeLauncher:
+    """Stands in for the subprocess: records each command and writes what a finished stage leaves behind."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.commands: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, command: list[str], folder: Path) -> int:
+        self.commands.append(command)
+        if self.fail and self.fail in str(folder):
+            return 1
+        # weights that differ per run, so a rerun stage changes the input of the stages after it
+        save_trainable(folder / "trainable.safetensors", {"projector.weight": torch.full((2,), 1.0 * len(self.commands))})
+        ratio = next((float(a.split("=")[1]) for a in command if a.startswith("--data.rejection_ratio=")), 0.0)
+        seed = next((int(a.split("=")[1]) for a in command if a.startswith("--seed_everything=")), 0)
+        figures = {metric: 0.5 - ratio + 0.01 * seed for metric in COLUMNS.values()}
+        evaluations = {"epoch 0": figures}
+        if folder.name == "stage0":
+            evaluations["before"] = {metric: 0.9 for metric in COLUMNS.values()}
+        if "mllm_safety.fit" in command:
+            (folder / "evaluations.json").write_text(json.dumps(evaluations))
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def shipped(tmp_path, monkeypatch):
+    """Stand-ins for the shipped tower and stage-2 weights."""
+    tower, stage2 = tmp_path / "shipped-tower.safetensors", tmp_path / "shipped-stage2.safetensors"
+    save_trainable(tower, {"vision.weight": torch.ones(2)})
+    save_trainable(stage2, {"projector.weight": torch.zeros(2)})
+    monkeypatch.setattr("mllm_safety.world.driver.SHIPPED_TOWER", tower)
+    monkeypatch.setattr("mllm_safety.world.driver.SHIPPED_STAGE2", stage2)
+    return tower, stage2
+
+
+def stages_run(launcher):
+    return [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in launcher.commands]
+
+
+def init_of(command):
+    return next(a for a in command if a.startswith("--model.init_weights="))
+
+
+def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    args = ["--out", str(tmp_path / "world"), "--configs", str(configs), "--ratios", "0", "0.3", "--seeds", "0", "1"]
+    launcher = FakeLauncher()
+    rows = main(args, launch=launcher)
+    assert stages_run(launcher) == ["stage0", "stage2_align", "stage2"] + ["r0_s0", "r0_s1", "r0.3_s0", "r0.3_s1"]
+    out = tmp_path / "world"
+    assert init_of(launcher.commands[1]) == f"--model.init_weights=[{out / 'stage0' / 'trainable.safetensors'}]"
+    assert init_of(launcher.commands[3]) == f"--model.init_weights=[{out / 'stage2' / 'trainable.safetensors'}]"
+    assert "--data.rejection_ratio=0.3" in launcher.commands[5] and "--seed_everything=0" in launcher.commands[5]
+    assert [row["condition"] for row in rows] == ["base model", "stage 0", "stage 2"] + ["stage 3, r=0"] * 2 + [
+        "stage 3, r=0.3"
+    ] * 2
+    table = (out / "results.md").read_text()
+    assert (
+        "| stage 2 | 1 | 50.0 |" in table
+        and "| stage 3, r=0.3 | 2 | 20.5 [20.0, 21.0] |" in table
+        and (out / "world.png").stat().st_size > 0
+    )
+    assert "results.csv" in {p.name for p in out.iterdir()}
+    check = json.loads((out / "stage2" / "check.json").read_text())  # rebuilt stage 2 compared with the shipped
+    assert check["same_names"] == 1.0 and check["max_abs"] == 3.0
+
+    again = FakeLauncher()
+    main(args, launch=again)
+    assert again.commands == []  # everything reused
+
+    # a changed stage-2 config reruns stage 2 and every stage-3 run after it, not stages 0 and 2a
+    (configs / "stage2.yaml").write_text((configs / "stage2.yaml").read_text() + "\n# changed\n")
+    changed = FakeLauncher()
+    main(args, launch=changed)
+    assert stages_run(changed) == ["stage2", "r0_s0", "r0_s1", "r0.3_s0", "r0.3_s1"]
+
+
+def test_a_failed_stage_stops_the_build_and_names_its_log(tmp_path):
+    launcher = FakeLauncher(fail="stage2_align")
+    with pytest.raises(RuntimeError, match=r"stage2_align failed.*run.log"):
+        main(["--out", str(tmp_path), "--configs", str(CONFIGS), "--ratios", "0", "--seeds", "0"], launch=launcher)
+    assert stages_run(launcher) == ["stage0", "stage2_align"]
+    assert not (tmp_path / "stage2_align" / "done.json").exists()
+
+
+def test_from_shipped_runs_only_stage_3_from_the_shipped_weights(tmp_path, shipped):
+    shipped = shipped[1]
+    launcher = FakeLauncher()
+    args = [
+        "--out",
+        str(tmp_path / "w"),
+        "--configs",
+        str(CONFIGS),
+        "--from_shipped",
+        "--ratios",
+        "0.1",
+        "--seeds",
+        "0",
+    ]
+    main(args, launch=launcher)
+    assert stages_run(launcher) == ["r0.1_s0"] and init_of(launcher.commands[0]) == f"--model.init_weights=[{shipped}]"
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--ratios", "1.5"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--configs", str(tmp_path / "none")])
