@@ -8,7 +8,7 @@ from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import SafetyAlignModule, TrainableParts
 from mllm_safety.world.tower import BLANK, Boards, TowerSettings, pretrain, reading_vocab, world_texts
-from mllm_safety.world.typography import GRID
+from mllm_safety.world.typography import GRID, glyph
 
 
 def test_the_reading_vocabulary_covers_every_token_of_the_world(tokenizer):
@@ -16,6 +16,13 @@ def test_the_reading_vocabulary_covers_every_token_of_the_world(tokenizer):
     for text in world_texts(200)[:300]:
         assert set(tokenizer(text, add_special_tokens=False)["input_ids"]) <= set(vocab), text
     assert tokenizer(BLANK, add_special_tokens=False)["input_ids"][0] in vocab
+
+
+def test_every_token_the_tower_reads_looks_unlike_every_other(tokenizer):
+    # byte-fallback pieces (<0xE2>, ...) all decode to U+FFFD: one glyph for a hundred tokens caps reading at ~92%
+    vocab = reading_vocab(tokenizer, 300, world_texts(200))
+    glyphs = {glyph(tokenizer.decode([i])).tobytes() for i in vocab if tokenizer.decode([i]) != BLANK}
+    assert len(glyphs) == len(vocab) - 1
 
 
 def test_boards_name_the_token_of_every_cell(tokenizer):

@@ -7,7 +7,8 @@ its own folder under ``--out``, started from the previous stage's trainable weig
    trains it again);
 2. ``stage0``: the aligned LLM (evaluated before, the base model, and after);
 3. ``stage2_align``, ``stage2``: projector alignment, then benign visual instruction tuning (compliance bias);
-4. ``stage3``: the paper's swap, once per (ratio, seed), from the stage-2 weights.
+4. ``stage3``: the paper's swap, once per (ratio, seed), from the stage-2 weights. A seed draws its own samples of
+   the stage-2 tasks (``data.world.seed`` = seed + 1), its own swapped subset, order and dropout.
 
 A stage whose folder holds a finished run with the same inputs (config text, arguments, and the bytes of the weights
 it starts from) is reused, so an interrupted build continues and a changed stage reruns with everything after it.
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
         for seed in args.seeds:
             extra = [
                 f"--data.rejection_ratio={ratio}", f"--seed_everything={seed}", f"--data.seed={seed}",
-                f"--data.rejection.seed={seed}",
+                f"--data.rejection.seed={seed}", f"--data.world.seed={seed + 1}",
             ]  # fmt: skip
             folder = out / "stage3" / f"r{ratio:g}_s{seed}"
             name = f"stage3 r={ratio:g} seed={seed}"
