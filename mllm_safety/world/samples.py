@@ -35,7 +35,7 @@ from mllm_safety.world import bank
 from mllm_safety.world.typography import GRID, IMAGE_SIZE, render_board
 
 WorldKind = Literal["align", "transcribe", "visual"]
-_VERSION = 2
+_VERSION = 3
 """Bump when generation changes, so cached sets of an older version are not reused."""
 
 TRANSCRIBE_PROMPT = "What does the text in the image say?"
@@ -114,16 +114,29 @@ class _Generator:
             pass
         return q
 
+    @property
+    def words(self) -> list[str]:
+        """The words of the world's benign texts (held-in twins and answers, everyday questions and sentences)."""
+        if not hasattr(self, "_words"):
+            rng = random.Random(f"world-words-{self.data.seed}")
+            texts = [t for p in self.held_in for t in (p.benign, p.answer)]
+            texts += [t for _ in range(200) for t in (bank.question(rng).question, bank.sentence(rng))]
+            self._words = sorted({w for t in texts for w in t.split()})
+        return self._words
+
     def board_text(self) -> str:
-        """Benign text to write on a board: an everyday question or answer, a sentence, or a held-in twin."""
+        """Benign text to write on a board: an everyday question or answer, a sentence, a held-in twin, or a string
+        of benign words in random order (nothing to guess from: the transcription must copy what it reads)."""
         draw = self.rng.random()
-        if draw < 0.3:
+        if draw < 0.2:
             return self.question().question
-        if draw < 0.5:
+        if draw < 0.35:
             return self.question().answer
-        if draw < 0.8:
+        if draw < 0.55:
             return bank.sentence(self.rng)
-        return self.rng.choice(self.held_in).benign
+        if draw < 0.7:
+            return self.rng.choice(self.held_in).benign
+        return " ".join(self.rng.choices(self.words, k=self.rng.randint(3, 9)))
 
     def board(self, text: str) -> bytes | None:
         cells = pieces(self.tokenizer, text)
@@ -150,15 +163,15 @@ class _Generator:
         draw = self.rng.random()
         if draw < 0.2:
             return self.transcribe()
-        if draw < 0.5:
-            if self.rng.random() < 0.7:
+        if draw < 0.55:
+            if self.rng.random() < 0.5:
                 q = self.question()
                 text, reply = q.question, q.answer
             else:
                 pair = self.rng.choice(self.held_in)
                 text, reply = pair.benign, pair.answer
             return _turns(self.rng.choice(_ANSWER_PROMPTS), reply, image=True), self.board(text)
-        if draw < 0.7:
+        if draw < 0.75:
             text = bank.sentence(self.rng)
             prompt, reply = word_task(self.rng, text)
             return _turns(prompt, reply, image=True), self.board(text)
