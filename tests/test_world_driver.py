@@ -25,7 +25,9 @@ class FakeLauncher:
         if self.fail and self.fail in str(folder):
             return 1
         # weights that differ per run, so a rerun stage changes the input of the stages after it
-        save_trainable(folder / "trainable.safetensors", {"projector.weight": torch.full((2,), 1.0 * len(self.commands))})
+        save_trainable(
+            folder / "trainable.safetensors", {"projector.weight": torch.full((2,), 1.0 * len(self.commands))}
+        )
         ratio = next((float(a.split("=")[1]) for a in command if a.startswith("--data.rejection_ratio=")), 0.0)
         seed = next((int(a.split("=")[1]) for a in command if a.startswith("--seed_everything=")), 0)
         figures = {metric: 0.5 - ratio + 0.01 * seed for metric in COLUMNS.values()}
@@ -67,6 +69,8 @@ def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_pat
     assert init_of(launcher.commands[1]) == f"--model.init_weights=[{out / 'stage0' / 'trainable.safetensors'}]"
     assert init_of(launcher.commands[3]) == f"--model.init_weights=[{out / 'stage2' / 'trainable.safetensors'}]"
     assert "--data.rejection_ratio=0.3" in launcher.commands[5] and "--seed_everything=0" in launcher.commands[5]
+    # each seed draws its own samples of the stage-2 tasks, not only another order of the same ones
+    assert "--data.world.seed=1" in launcher.commands[5] and "--data.world.seed=2" in launcher.commands[6]
     assert [row["condition"] for row in rows] == ["base model", "stage 0", "stage 2"] + ["stage 3, r=0"] * 2 + [
         "stage 3, r=0.3"
     ] * 2

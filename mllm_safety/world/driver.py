@@ -221,11 +221,12 @@ def write_table(rows: list[dict], out: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    lines = ["| condition | runs | " + " | ".join(COLUMNS) + " |", "| --- | ---: |" + " ---: |" * len(COLUMNS)]
+    shown = {name: metric for name, metric in COLUMNS.items() if any(metric in row for row in rows)}
+    lines = ["| condition | runs | " + " | ".join(shown) + " |", "| --- | ---: |" + " ---: |" * len(shown)]
     for condition in conditions:
         group = [row for row in rows if row["condition"] == condition]
         cells = []
-        for metric in COLUMNS.values():
+        for metric in shown.values():
             values = [100 * row[metric] for row in group if metric in row]
             if not values:
                 cells.append("")

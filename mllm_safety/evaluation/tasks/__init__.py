@@ -14,8 +14,8 @@ over-refusal, utility sets (with a scorer) measure what safety costs. A task may
 | ``xstest`` | XSTest ``xstest_prompts.csv`` (or ``xstest_v2_prompts.csv``) | ``safe`` (benign), ``unsafe`` |
 | ``demo`` | none (bundled) or a file of the demo layout | ``typographic``, ``text``, ``benign``,
 ``typographic_benign``, ``shapes`` (utility) |
-| ``world`` | none (bundled) or a file of its layout | ``text``, ``typographic``, ``benign_text``, ``benign_typographic``,
-``transcription``, ``utility`` (utility) |
+| ``world`` | none (bundled) or a file of its layout | ``text``, ``typographic``, ``benign_text``,
+``benign_typographic``, ``transcription``, ``utility`` (utility) |
 | ``scienceqa`` | LLaVA's ScienceQA folder (``llava_test_CQM-A.json``, ``problems.json``, ``pid_splits.json``) |
 ``test`` (utility) |
 | ``vizwiz`` | VizWiz-VQA ``val.json`` | ``val`` (utility) |
