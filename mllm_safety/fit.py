@@ -37,6 +37,7 @@ RUN_DATA_SETTINGS = (
     "group_by_length",
     "group_buffer",
     "donor_images",
+    "world",
 )
 """The data options a resumed run must share with its checkpoint: which samples, which swapped, in which order
 (a resume skips the batches the run has seen, so anything that reorders the stream, such as the workers per device

@@ -4,8 +4,9 @@ Training sets (``WorldData.kind``), written as shards in the project's layout by
 
 - ``align`` (stage 0, text only): held-in harmful requests answered with a refusal, their benign twins and everyday
   questions answered.
-- ``transcribe`` (stage 2, projector alignment): a board of benign text, "What does the text in the image say?",
-  the text.
+- ``transcribe`` (stage 2, projector alignment): a board of benign text (everyday questions and answers, sentences,
+  held-in twins, or benign words in random order, which can only be copied, not guessed), "What does the text in
+  the image say?", the text.
 - ``visual`` (stages 2 and 3, visual instruction tuning): benign image tasks of five kinds, all answered —
   transcription, answering the question or request written on a board (everyday questions and held-in benign
   twins), word tasks (first word, last word, number of words), and scenes of coloured shapes (the demo's scenes:
