@@ -156,3 +156,12 @@ def test_the_data_module_generates_a_world_set_with_the_models_tokenizer(tmp_pat
     data.setup("fit")
     assert sum(len(piece.ids) for piece in data.pieces) == 12 and len(data.swap.chosen) == 6
     assert all(str(piece.path).startswith(str(tmp_path / "data" / "world-v")) for piece in data.pieces)
+
+
+def test_random_word_boards_use_only_words_of_benign_texts(tokenizer):
+    generator = _Generator(tokenizer, WorldData(kind="transcribe", samples=200, seed=0))
+    replies = [record["conversations"][1]["value"] for record, _ in generator]
+    harmful_only = {w for p in bank.load_pairs() for w in p.harmful.split()} - set(generator.words)
+    assert harmful_only and not any(set(reply.split()) & harmful_only for reply in replies)
+    structured = [r for r in replies if r[:1].isupper() and r.endswith((".", "?", "!"))]
+    assert 0.1 < 1 - len(structured) / len(replies) < 0.5  # about 30% are words in random order, to be copied
