@@ -87,7 +87,7 @@ class TowerSettings:
     vision_lr: float = 1e-4
     """Peak learning rate of the tower (from its seeded, PCA-started initialisation); 0 freezes it, so that only the
     projector learns to read its features (cheaper per step, but attention then mixes neighbouring cells in: token
-    lookup stalls near 0.91 where the trained tower reaches 0.99)."""
+    lookup 0.97 after 500 steps, where the trained tower had 0.99 after 250)."""
     classifier_lr: float = 1e-2
     """Peak learning rate of the reading classifier on the tower's features."""
     temperature: float = 0.1
