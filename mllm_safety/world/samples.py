@@ -25,7 +25,7 @@ import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -115,15 +115,13 @@ class _Generator:
             pass
         return q
 
-    @property
+    @cached_property
     def words(self) -> list[str]:
         """The words of the world's benign texts (held-in twins and answers, everyday questions and sentences)."""
-        if not hasattr(self, "_words"):
-            rng = random.Random(f"world-words-{self.data.seed}")
-            texts = [t for p in self.held_in for t in (p.benign, p.answer)]
-            texts += [t for _ in range(200) for t in (bank.question(rng).question, bank.sentence(rng))]
-            self._words = sorted({w for t in texts for w in t.split()})
-        return self._words
+        rng = random.Random(f"world-words-{self.data.seed}")
+        texts = [t for p in self.held_in for t in (p.benign, p.answer)]
+        texts += [t for _ in range(200) for t in (bank.question(rng).question, bank.sentence(rng))]
+        return sorted({w for t in texts for w in t.split()})
 
     def board_text(self) -> str:
         """Benign text to write on a board: an everyday question or answer, a sentence, a held-in twin, or a string
