@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,19 +131,23 @@ def test_unknown_projector_is_an_error(kind):
         build_projector(kind, 8, 8)
 
 
-@pytest.mark.parametrize(("select_layer", "keep_cls", "tokens"), [(-2, False, 36), (-1, True, 37)])
+@pytest.mark.parametrize(("select_layer", "keep_cls", "tokens"), [(-2, False, 36), (-1, True, 37), (1, False, 36)])
 def test_vision_patch_tokens_come_from_the_selected_block(select_layer, keep_cls, tokens):
-    torch.manual_seed(0)
+    """The reference runs the full, uncut tower by hand and indexes its hidden states the HF/LLaVA way
+    (``hidden_states[0]`` is the embedding): an off-by-one in the encoder's block index or cut shows here."""
+    full = open_clip.create_model("tiny-vit").visual.eval()
     encoder = OpenClipVisionEncoder(VisionConfig(name="tiny-vit", select_layer=select_layer, keep_cls=keep_cls))
+    assert not encoder.visual.load_state_dict(full.state_dict(), strict=False).missing_keys
+    torch.manual_seed(0)
     pixels = torch.randn(2, 3, 96, 96)
     out = encoder(pixels)
     assert out.shape == (2, tokens, 128) and encoder.num_tokens == tokens
-    # Reference: run the blocks by hand and take the selected block's output.
-    visual = encoder.visual
-    x = visual._embeds(pixels)
-    for block in visual.transformer.resblocks[: encoder.block_index + 1]:
-        x = block(x)
-    torch.testing.assert_close(out, x if keep_cls else x[:, 1:])
+    hidden_states = [full._embeds(pixels)]
+    for block in full.transformer.resblocks:
+        hidden_states.append(block(hidden_states[-1]))
+    assert len(hidden_states) == 4, "tiny-vit has three blocks"
+    reference = hidden_states[select_layer]
+    torch.testing.assert_close(out, reference if keep_cls else reference[:, 1:])
 
 
 def test_unknown_vision_model_is_an_error():
