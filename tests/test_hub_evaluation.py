@@ -12,7 +12,7 @@ from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank
 from mllm_safety.evaluation.judge import KeywordJudge
 from mllm_safety.evaluation.metrics import judge_and_reduce, score_utility
-from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
+from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark, load_sets
 from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, all_prompts
 from mllm_safety.fit import main as fit_main
 from mllm_safety.model.hub_vlm import HubOptions
@@ -59,8 +59,11 @@ def test_safety_and_utility_sets_are_generated_judged_and_scored(family, hub_che
 
 
 def test_fit_with_the_safety_callback_then_evaluate_from_config_and_checkpoint(hub_checkpoint, tmp_path):
+    """The evaluated replies are the trained model's: the base model (no checkpoint) gives other replies, so an
+    evaluate that dropped the checkpoint's weights fails. A high learning rate makes two steps move the replies."""
     model = ["--model.llm", "null", "--model.vision", "null", "--model.projector", "null"]
     model += ["--model.pretrained", hub_checkpoint("qwen25_vl"), "--model.trainable.projector", "false"]
+    model += ["--model.optim.lr", "0.05", "--model.optim.warmup_ratio", "0"]
     fit = fit_main(
         [
             "--config",
@@ -78,11 +81,25 @@ def test_fit_with_the_safety_callback_then_evaluate_from_config_and_checkpoint(h
     assert callback.history[0][0] == "before" and "safety/asr/mean" in callback.history[-1][1]
     checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))  # the run's own folder under default_root_dir
     assert (tmp_path / "checkpoints" / "trainable.safetensors").is_file(), "written as for LLaVA"
-    out = tmp_path / "report"
-    args = ["--config", CONFIG, *model, "--ckpt_path", str(checkpoint), "--output", str(out)]
-    figures = evaluate_main([*args, "--eval.limit", "2", "--eval.generation.max_new_tokens", "3"])
-    report = json.loads((out / "report.json").read_text())
-    assert report["model"]["pretrained"] == hub_checkpoint("qwen25_vl")
+
+    def evaluate(out, *checkpoint_args):
+        args = ["--config", CONFIG, *model, *checkpoint_args, "--output", str(out)]
+        figures = evaluate_main([*args, "--eval.limit", "2", "--eval.generation.max_new_tokens", "3"])
+        lines = (out / "generations.jsonl").read_text().splitlines()
+        return figures, json.loads((out / "report.json").read_text()), [json.loads(line) for line in lines]
+
+    figures, report, generations = evaluate(tmp_path / "report", "--ckpt_path", str(checkpoint))
+    assert report["model"]["pretrained"] == hub_checkpoint("qwen25_vl") and report["checkpoint"] == str(checkpoint)
     assert "asr/demo_typographic" in figures["xstest"]
-    replies = [json.loads(line)["reply"] for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert replies and all(isinstance(reply, str) for reply in replies)
+    replies = {(g["set"], g["id"]): g["reply"] for g in generations}
+    assert len(set(replies.values())) > 1, "replies differ from prompt to prompt"
+
+    sets = load_sets([BenchmarkSpec(**spec) for spec in report["benchmarks"]], 2)
+    settings = GenerationSettings(**report["generation"])
+    trained = generate_for_rank(fit.model.eval(), sets, 0, 1, settings)
+    assert {(g.prompt.set_name, g.prompt.id): g.reply for g in trained} == replies
+
+    _, _, base = evaluate(tmp_path / "base")
+    base_replies = {(g["set"], g["id"]): g["reply"] for g in base}
+    assert base_replies.keys() == replies.keys()
+    assert sum(base_replies[key] != reply for key, reply in replies.items()) >= len(replies) // 2, "base replies"
