@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 
 from mllm_safety import sweep
@@ -52,24 +53,58 @@ def test_summary_is_mean_and_range_over_seeds(tmp_path):
     assert sweep.figure_names(rows, "safety/asr/") == ["safety/asr/mean"]
 
 
-def test_the_plot_shows_asr_per_set_and_utility_against_the_ratio(tmp_path):
+def test_the_plot_shows_asr_per_set_and_utility_against_the_ratio(tmp_path, monkeypatch):
+    """What is drawn: a safety panel with one line per set (over-refusal dashed) and a utility panel, each line the
+    mean over seeds in % against the ratio, the seeds' range as a band, one dot per run."""
     rows = [
         {
             "ratio": r,
-            "seed": 0,
-            "safety/asr/demo_text": 1 - r,
+            "seed": seed,
+            "safety/asr/demo_text": 1 - r - seed / 10,
             "safety/asr/demo_text/fraud": 0.5,
             "safety/over_refusal/demo_benign": r / 2,
             "utility/demo_shapes/accuracy": 0.5 - r / 4,
             "utility/demo_shapes/accuracy/colour": 0.1,
         }
         for r in (0.0, 0.5)
+        for seed in (0, 1)
     ]
     assert sweep.figure_names(rows, "safety/asr/") == ["safety/asr/demo_text"], "no per-category lines"
     assert sweep.figure_names(rows, "utility/", "/accuracy") == ["utility/demo_shapes/accuracy"]
+    saved, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     sweep.plot(rows, tmp_path / "plot.png", "demo")
-    with Image.open(tmp_path / "plot.png") as image:
-        assert image.width > 2 * image.height, "two panels: safety and utility"
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    (figure,) = saved
+    assert figure.get_suptitle() == "demo (2 seeds: mean, range)"
+    safety, utility = figure.axes
+    lines = {
+        ax.get_title(): {
+            line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist(), line.get_linestyle())
+            for line in ax.get_lines()
+        }
+        for ax in figure.axes
+    }
+    assert lines == {
+        "safety": {
+            "asr/demo_text": ([0.0, 0.5], [pytest.approx(95.0), pytest.approx(45.0)], "-"),
+            "over_refusal/demo_benign": ([0.0, 0.5], [0.0, 25.0], "--"),
+        },
+        "utility (accuracy)": {"demo_shapes/accuracy": ([0.0, 0.5], [50.0, 37.5], "-")},
+    }
+    for ax in (safety, utility):
+        assert ax.get_xlabel().startswith("rejection ratio") and ax.get_ylabel() == "%"
+        assert ax.get_ylim() == (-3, 103)
+        assert len(ax.collections) == 2 * len(ax.get_lines()), "a band and the runs' dots per line"
+    asr_dots = safety.collections[1].get_offsets().tolist()
+    assert sorted(map(tuple, asr_dots)) == [(0.0, 90.0), (0.0, 100.0), (0.5, 40.0), (0.5, 50.0)]
+    band = safety.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(40.0) and band[:, 1].max() == pytest.approx(100.0)
 
 
 def test_bad_ratios_and_bad_fit_options_stop_before_any_run(tmp_path, capsys):
