@@ -18,6 +18,22 @@ from mllm_safety.data.selection import select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, manifest_entries
 
 
+def count_shard_writes(monkeypatch) -> list[str]:
+    """Records the source of every shard set the generators start writing (a write counter: a set rebuilt and then
+    discarded in favour of the existing copy leaves the files, and their times, untouched)."""
+    from mllm_safety.data import synthetic
+
+    started: list[str] = []
+
+    class CountingWriter(ShardSetWriter):
+        def __init__(self, folder, source: str, shard_size: int) -> None:
+            started.append(source)
+            super().__init__(folder, source, shard_size)
+
+    monkeypatch.setattr(synthetic, "ShardSetWriter", CountingWriter)
+    return started
+
+
 def png_bytes(colour: str | tuple[int, int, int] = "red", size: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, format="PNG")

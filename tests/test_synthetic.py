@@ -1,9 +1,11 @@
+import hashlib
 import io
 import json
 import re
 
 import pytest
 import webdataset as wds
+from data_helpers import count_shard_writes
 from PIL import Image
 
 from mllm_safety.data import synthetic
@@ -146,11 +148,16 @@ def test_shards_read_back_with_webdataset(tmp_path):
         assert got.get("png") == want.png
 
 
-def test_second_call_reuses_the_set_without_rewriting(tmp_path):
+def test_second_call_reuses_the_set_without_rewriting(tmp_path, monkeypatch):
+    """Counted, not timed: the second call starts no shard writer and leaves every file's bytes as they were."""
+    written = count_shard_writes(monkeypatch)
     shards = write_demo_shards(tmp_path / "demo", num_samples=20, shard_size=8, image_size=64)
-    stamps = {p: p.stat().st_mtime_ns for p in [*shards, tmp_path / "demo" / "manifest.json"]}
+    assert written == ["demo"]
+    files = [*shards, tmp_path / "demo" / "manifest.json"]
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     assert write_demo_shards(tmp_path / "demo", num_samples=20, shard_size=8, image_size=64) == shards
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert written == ["demo"], "the second call wrote the set again"
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == digests
 
 
 def test_changed_parameters_or_missing_shard_regenerate(tmp_path):
