@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import stat
-import time
 from pathlib import Path
 
 import lightning as L
@@ -169,21 +168,35 @@ def test_slurm_signal_checkpoints_requeues_and_the_requeued_job_continues_exactl
     assert slurm_job.read_text().split() == ["requeue", "4242"], "no signal, no second requeue"
 
 
+def written_at(path, second: int) -> None:
+    """Give ``path`` the modification time ``second`` (explicit times: no sleeping, no ties on coarse clocks)."""
+    os.utime(path, ns=(second * 10**9, second * 10**9))
+
+
 def test_newest_checkpoint_ignores_incomplete_ones_and_other_folders(tmp_path):
+    """Newest by write time, not by name; a sharded folder counts from its metadata file (written last), not from
+    the folder's own time."""
     folders = [tmp_path, tmp_path / "checkpoints"]
     assert newest_checkpoint(folders) is None
     torch.save({"step": 1}, tmp_path / "epoch=0-step=1.ckpt")
+    written_at(tmp_path / "epoch=0-step=1.ckpt", 2000)
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")  # killed while writing
+    written_at(tmp_path / "truncated.ckpt", 9000)
     sharded = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
     sharded.mkdir(parents=True)
+    written_at(sharded, 9000)
     assert newest_checkpoint(folders).name == "epoch=0-step=1.ckpt", "a sharded folder without metadata is partial"
-    time.sleep(0.01)
     torch.save({}, sharded / "meta.pt")
+    written_at(sharded / "meta.pt", 3000)
+    written_at(sharded, 1000)  # the folder's own time says nothing about when the checkpoint was complete
     assert newest_checkpoint(folders) == sharded
+    written_at(sharded / "meta.pt", 1500)
+    assert newest_checkpoint(folders).name == "epoch=0-step=1.ckpt", "the older by write time, whatever its name"
+    written_at(sharded / "meta.pt", 3000)
     other_run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"  # below the run's folder, not its own
     other_run.mkdir(parents=True)
-    time.sleep(0.01)
     torch.save({"step": 9}, other_run / "epoch=9-step=99.ckpt")
+    written_at(other_run / "epoch=9-step=99.ckpt", 8000)
     assert newest_checkpoint(folders) == sharded
 
 
