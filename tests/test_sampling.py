@@ -1,9 +1,17 @@
 """Sampling seeded per prompt: exact samples of the warped distribution, whatever the batch."""
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mllm_safety.evaluation.sampling import PerRowGumbelNoise, row_seed, sampling_processors
+
+ROOT = Path(__file__).parents[1]
 
 
 def sample(scores: torch.Tensor, seeds: list[int], steps: int = 1, **warp) -> list[list[int]]:
@@ -14,10 +22,26 @@ def sample(scores: torch.Tensor, seeds: list[int], steps: int = 1, **warp) -> li
     return [list(row) for row in zip(*out)]
 
 
-def test_row_seeds_are_stable_and_distinct():
-    assert row_seed(0, "demo_text/a") == row_seed(0, "demo_text/a")
-    assert len({row_seed(0, "demo_text/a"), row_seed(1, "demo_text/a"), row_seed(0, "demo_text/b")}) == 3
-    assert 0 <= row_seed(123, "x") < 2**63
+KEYS = [(0, "demo_text/a"), (1, "demo_text/a"), (0, "demo_text/b"), (123, "x")]
+
+
+def test_row_seeds_are_the_same_in_every_process_and_distinct():
+    """Ranks and reruns are separate processes: two interpreters with other string-hash seeds give the same seeds."""
+    here = [row_seed(seed, key) for seed, key in KEYS]
+    assert len(set(here)) == len(KEYS) and all(0 <= s < 2**63 for s in here)
+    code = f"from mllm_safety.evaluation.sampling import row_seed; print([row_seed(s, k) for s, k in {KEYS!r}])"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for hash_seed in ("1", "2")
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert [ast.literal_eval(out) for out in outputs] == [here, here]
 
 
 def test_gumbel_max_samples_the_softmax():
