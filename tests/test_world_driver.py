@@ -1,6 +1,7 @@
 """The world driver: stages chained through their weights, finished stages reused, changed ones rerun, the table."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,8 +122,22 @@ def test_from_shipped_runs_only_stage_3_from_the_shipped_weights(tmp_path, shipp
     assert stages_run(launcher) == ["r0.1_s0"] and init_of(launcher.commands[0]) == f"--model.init_weights=[{shipped}]"
 
 
-def test_bad_arguments_are_refused(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--ratios", "1.5"])
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--configs", str(tmp_path / "none")])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ratios", "1.5"], r"--ratios must be in \[0, 1\], got \[1.5\]"),
+        (["--configs", "{tmp}/none"], r"--configs .*/none: no such folder"),
+        (["--safebench", "{tmp}/safebench.csv"], r"--safebench .*/safebench.csv: no such file"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(tmp_path, monkeypatch, capsys, args, message):
+    """Each bad argument stops the driver with its own message before any stage starts, whatever the working
+    directory (the default --configs is relative: from elsewhere it alone would stop every call)."""
+    monkeypatch.chdir(tmp_path)
+    launcher = FakeLauncher()
+    argv = ["--out", str(tmp_path / "w"), "--configs", str(CONFIGS), *(a.format(tmp=tmp_path) for a in args)]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv, launch=launcher)
+    assert stopped.value.code == 2 and launcher.commands == []
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"python -m mllm_safety.world: error: {message}", errors[-1]), errors[-1]
