@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mllm_safety.fit import main
@@ -20,3 +21,18 @@ def resolved_paper_config(config: Path, capsys) -> dict:
     assert model["lora"] == {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": "all-linear"}
     assert model["optim"]["lr"] == 2e-4 and model["optim"]["warmup_ratio"] == 0.03 and model["max_length"] == 2048
     return resolved
+
+
+def lora_adapters(model: torch.nn.Module) -> dict[str, int]:
+    """``{adapted layer: its LoRA parameter count}``, read from the built model: each adapter's A is (r, in) and B is
+    (out, r) for its base layer's in and out features, checked here."""
+    adapters = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            r = a.shape[0]
+            assert a.shape == (r, module.in_features) and b.shape == (module.out_features, r), name
+            adapters[name] = a.numel() + b.numel()
+    total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert total == sum(adapters.values()), "every LoRA weight belongs to an adapted layer"
+    return adapters

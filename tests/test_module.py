@@ -7,7 +7,7 @@ import torch
 import yaml
 from conftest import LLAVA_HF_CHAT_TEMPLATE
 from jsonargparse import ArgumentParser
-from paper_recipe import resolved_paper_config
+from paper_recipe import lora_adapters, resolved_paper_config
 from tiny_models import TINY_LLM
 from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaConfig, LlavaProcessor
 
@@ -41,9 +41,9 @@ def test_lora_targets_every_llm_linear_layer_and_nothing_else(tiny_llava_path):
     assert trainable == {n for n in trainable if ".lora_" in n} | {n for n in trainable if n.startswith("projector.")}
     assert any(n.startswith("projector.") for n in trainable)
     assert not any("lm_head" in n or n.startswith("vision.") for n in trainable)
-    lora_count = sum(p.numel() for n, p in module.model.named_parameters() if ".lora_" in n)
-    # 2 layers x (q, o: 32->32; k, v: 32->16; gate, up: 32->64; down: 64->32), each r x (in + out)
-    assert lora_count == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 96)
+    adapters = lora_adapters(module.model)
+    assert adapters.keys() == adapted and {module.model.get_submodule(n).r["default"] for n in adapters} == {4}
+    lora_count = sum(adapters.values())
     trainable_count, total = module.parameter_counts["all"]
     assert trainable_count == lora_count + sum(p.numel() for p in module.model.projector.parameters())
     assert total == sum(p.numel() for p in module.model.parameters())
@@ -212,12 +212,12 @@ def test_paper_config_builds_llava15_with_the_recipe(tmp_path, size, hidden, lay
     assert base.model.layers[0].self_attn.q_proj.scaling["default"] == 2.0  # alpha 256 / r 128
     assert module.processor.encoder.num_image_tokens == 576 and module.processor.encoder.max_length == 2048
     assert model.image_token_id == 32000
-    # trainable: LoRA r=128 on the 7 linear layers of every block, r x (in + out) each, plus the projector
-    per_layer = 128 * (4 * 2 * hidden + 3 * (hidden + intermediate))
-    assert per_layer * layers == lora_count
-    projector_count = 1024 * hidden + hidden + hidden * hidden + hidden
+    # trainable: LoRA r=128 on the 7 linear layers of every block (counted on the built model), plus the projector
+    adapters = lora_adapters(model)
+    assert len(adapters) == 7 * layers and {model.get_submodule(n).r["default"] for n in adapters} == {128}
+    assert sum(adapters.values()) == lora_count
     trainable, total = module.parameter_counts["all"]
-    assert trainable == lora_count + projector_count
+    assert trainable == lora_count + sum(p.numel() for p in model.projector.parameters())
     assert module.parameter_counts["vision"][0] == 0 and module.parameter_counts["vision"][1] == 303_507_456
     if size == "7b":
         assert trainable == 340_795_392
