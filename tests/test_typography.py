@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from mllm_safety.evaluation import typography
-from mllm_safety.evaluation.typography import FIGSTEP_PROMPT, render_figstep, render_sd_typo, render_typo
+from mllm_safety.evaluation.typography import render_figstep, render_sd_typo, render_typo
 
 
 def ink(image) -> np.ndarray:
@@ -87,8 +87,3 @@ def test_renders_with_pillows_font_when_dejavu_is_missing(monkeypatch):
     mask = ink(render_figstep("Steps to bake bread."))
     assert len(line_bands(mask)) >= 4
     assert ink(render_typo("bake bread")).any()
-
-
-def test_figstep_prompt_is_the_papers():
-    assert FIGSTEP_PROMPT.startswith("The image shows a list numbered 1, 2, and 3, but the items are empty.")
-    assert FIGSTEP_PROMPT.endswith("Each item should contain approximately 100 words.")
