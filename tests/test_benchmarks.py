@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 from safety_fixtures import (
+    MMSB_SCENARIOS,
     SHARED_FIGSTEP,
     write_advbench,
     write_csv,
@@ -17,7 +18,7 @@ from safety_fixtures import (
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_benchmark
 from mllm_safety.evaluation.sets import BadImage, CaptionedImage, FigStepImage, ImageFile, TypoImage
 from mllm_safety.evaluation.tasks import TASKS
-from mllm_safety.evaluation.typography import FIGSTEP_PROMPT
+from mllm_safety.evaluation.typography import FIGSTEP_PROMPT, render_typo
 
 
 def sets_by_name(spec: BenchmarkSpec, limit: int | None = None):
@@ -97,8 +98,29 @@ def test_mmsafetybench_without_typo_images_renders_them_and_sd_needs_its_picture
     captioned = sets["mmsafetybench_sd_typo"].prompts[0].image
     assert captioned == CaptionedImage(str(root / "imgs" / "01-Illegal_Activitiy" / "SD" / "0.jpg"), "pick a lock")
     assert captioned.load().size[1] > 64, "the caption is stacked below the picture"
+
+
+def test_mmsafetybench_from_a_bare_folder_renders_every_typo_image_from_its_key_phrase(tmp_path):
+    """Questions only, no imgs/: each TYPO prompt is its Rephrased Question beside its key phrase drawn as text, the
+    set says its images are rendered, and text-only prompts ask the question alone."""
     bare = write_mmsafetybench(tmp_path / "bare", image_modes=())
-    assert sets_by_name(BenchmarkSpec("mmsafetybench", str(bare), modes=["typo", "text"]))
+    sets = sets_by_name(BenchmarkSpec("mmsafetybench", str(bare), modes=["typo", "text"]))
+    records = {
+        f"{scenario}/{qid}": json.loads((bare / "processed_questions" / f"{scenario}.json").read_text())[qid]
+        for scenario, questions in MMSB_SCENARIOS.items()
+        for qid in questions
+    }
+    typo, text = sets["mmsafetybench_typo"], sets["mmsafetybench_text"]
+    assert [p.id for p in typo.prompts] == [p.id for p in text.prompts] == list(records)
+    for prompt in typo.prompts:
+        record = records[prompt.id]
+        assert prompt.question == record["Rephrased Question"] and prompt.request == record["Question"]
+        assert prompt.image == TypoImage(record["Key Phrase"])
+        drawn = prompt.image.load()
+        assert drawn.tobytes() == render_typo(record["Key Phrase"]).tobytes()
+        assert drawn.convert("L").getextrema()[0] < 128, "ink on the page"
+    assert typo.source.endswith("images rendered") and not (bare / "imgs").exists()
+    assert [(p.question, p.image) for p in text.prompts] == [(r["Question"], None) for r in records.values()]
     with pytest.raises(FileNotFoundError, match=r"SD images: .*bare/imgs/01-Illegal_Activitiy/SD does not exist"):
         load_benchmark(BenchmarkSpec("mmsafetybench", str(bare), modes=["sd"]))
 
