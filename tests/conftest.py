@@ -1,8 +1,19 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One cache per test session, never the user's ~/.cache/mllm_safety: SmolLM2 is converted into it once (read-only for
+# the tests after that), and the planted tiny model (tests/planted.py) and generated demo data are written there.
+# Subprocesses (and pytest processes that Lightning relaunches) inherit it. MLLM_SAFETY_TESTS_CACHE names a folder
+# to keep between sessions instead (it saves the conversion and the planting, about 45 s on 2 cores).
+if "MLLM_SAFETY_TESTS_CACHE" not in os.environ:
+    os.environ["MLLM_SAFETY_TESTS_CACHE"] = tempfile.mkdtemp(prefix="mllm-safety-tests-")
+    atexit.register(shutil.rmtree, os.environ["MLLM_SAFETY_TESTS_CACHE"], ignore_errors=True)
+os.environ["MLLM_SAFETY_CACHE"] = os.environ["MLLM_SAFETY_TESTS_CACHE"]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,6 +26,15 @@ from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer  # noqa: E
 def tokenizer():
     """SmolLM2-135M-Instruct's real tokenizer and chat template (bundled, no download)."""
     return load_tokenizer(LLMConfig())
+
+
+@pytest.fixture(scope="session")
+def planted_weights() -> str:
+    """The planted tiny model's weights file (tests/planted.py), built before any subprocess needs it; pass it as
+    ``--model.init_weights`` to runs of configs/tiny.yaml."""
+    from planted import planted_weights
+
+    return str(planted_weights())
 
 
 @pytest.fixture

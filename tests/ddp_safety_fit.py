@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from safety_fixtures import tiny_module
+from planted import planted_module
 from torch.utils.data import DataLoader
 
 from mllm_safety.data.conversation import parse_llava_record
@@ -21,7 +21,7 @@ SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=4, do_sample=True, te
 
 def fit_tiny(out: Path, devices: int, callback: SafetyEvalCallback, accumulate: int = 1) -> L.Trainer:
     """Train the tiny model on 8 one-turn samples (batches of 2), up to 4 optimizer steps, with ``callback``."""
-    module = tiny_module()
+    module = planted_module()
     module.train()
     records = [
         {"id": f"s{i}", "conversations": [{"from": "human", "value": f"Count to {i}."}, {"from": "gpt", "value": "1"}]}

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from planted import planted_weights  # noqa: E402
 from tiny_models import TINY_LLM  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -113,8 +114,13 @@ def main() -> None:
     safe = [LLMConfig, VisionConfig, LoraSettings, OptimSettings, TrainableParts, HubOptions]
     torch.serialization.add_safe_globals(safe)
     L.seed_everything(0)
-    if args.pretrained is None:
-        source = {"llm": LLMConfig(random_init=TINY_LLM), "vision": VisionConfig(name="tiny-vit")}
+    if args.pretrained is None:  # the planted tiny model, whose replies and figures vary (tests/planted.py)
+        planted = [str(planted_weights())]
+        source = {
+            "llm": LLMConfig(random_init=TINY_LLM),
+            "vision": VisionConfig(name="tiny-vit"),
+            "init_weights": planted,
+        }
     else:
         source = {"pretrained": args.pretrained}
     module = SafetyAlignModule(
@@ -127,7 +133,7 @@ def main() -> None:
     record = RecordSteps()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
     evaluation = SafetyEvalCallback(
-        benchmarks=[BenchmarkSpec("demo", modes=["typographic", "benign"])],
+        benchmarks=[BenchmarkSpec("demo", modes=["text", "benign"])],
         generation=GenerationSettings(max_new_tokens=4, batch_size=1),
         limit=3,
     )

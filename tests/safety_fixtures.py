@@ -1,4 +1,4 @@
-"""Small files in the published layouts of the safety benchmarks, and a tiny model to generate with."""
+"""Small files in the published layouts of the safety benchmarks, and a sharded evaluation of the planted model."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tiny_models import TINY_LLM
-
-from mllm_safety.model.llm import LLMConfig
-from mllm_safety.model.vision import VisionConfig
-from mllm_safety.train.module import LoraSettings, SafetyAlignModule
+from planted import planted_module
 
 SHARED_FIGSTEP = next(
     (
@@ -157,26 +153,6 @@ def write_xstest(root: Path) -> Path:
     return write_csv(root / "xstest_prompts.csv", header, rows)
 
 
-def tiny_module(seed: int = 0) -> SafetyAlignModule:
-    """The tiny random model of configs/tiny.yaml (SmolLM2 tokenizer and architecture), in eval mode.
-
-    The LLM's matrices are redrawn with a large spread: with the default initialisation every greedy reply is a run
-    of newlines, which would make any comparison of replies pass trivially.
-    """
-    torch.manual_seed(seed)
-    module = SafetyAlignModule(
-        llm=LLMConfig(random_init=TINY_LLM),
-        vision=VisionConfig(name="tiny-vit"),
-        max_length=256,
-        lora=LoraSettings(r=4, alpha=8),
-    )
-    with torch.no_grad():
-        for parameter in module.model.llm.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(std=0.5)
-    return module.eval()
-
-
 def save_guard(folder, first_word: str):
     """A tiny random Llama Guard stand-in: word-level tokenizer, a chat template, and a model whose final norm is
     zero, so every logit ties and greedy decoding always emits token 0 (``first_word``)."""
@@ -223,7 +199,7 @@ def evaluate_shard(rank: int, world: int, init_file: str, out_file: str, specs: 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sets = [s for spec in specs for s in load_benchmark(BenchmarkSpec(**spec))]
-        generations = generate_for_rank(tiny_module(), sets, rank, world, GenerationSettings(**settings))
+        generations = generate_for_rank(planted_module(), sets, rank, world, GenerationSettings(**settings))
         result = judge_and_reduce(sets, generations, [KeywordJudge("xstest"), KeywordJudge("gcg")])
         everything = gather_generations(generations)
         if rank == 0:

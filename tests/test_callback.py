@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 from ddp_safety_fit import SETTINGS, fit_tiny
 from lightning.pytorch.loggers import WandbLogger
-from safety_fixtures import tiny_module, write_figstep, write_xstest
+from planted import planted_module
+from safety_fixtures import write_figstep, write_xstest
 
 from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.generation import GenerationSettings
@@ -28,7 +29,7 @@ def test_logs_figures_under_safety_and_a_table_of_the_first_rows_of_each_set(tmp
     trainer = L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False)
     generation = GenerationSettings(max_new_tokens=3, batch_size=4)
     callback = SafetyEvalCallback(benchmarks, judge="gcg", generation=generation, table_rows=2)
-    module = tiny_module()
+    module = planted_module()
     callback.setup(trainer, module, "fit")
     metrics = callback.evaluate(trainer, module, "before")
 
@@ -70,7 +71,7 @@ def test_utility_and_protocol_sets_are_scored_tabled_and_summarised(tmp_path, mo
     logger = WandbLogger(offline=True, save_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False)
     callback = SafetyEvalCallback(benchmarks, generation=GenerationSettings(max_new_tokens=3), table_rows=1)
-    module = tiny_module()
+    module = planted_module()
     callback.setup(trainer, module, "fit")
     metrics = callback.evaluate(trainer, module, "before")
     assert "safety/partial/figstep_image" in metrics, "the paper protocol's set is judged by the paper's judge"
@@ -108,7 +109,7 @@ def test_bad_callback_options_are_rejected():
         SafetyEvalCallback(every_n_steps=0)
 
 
-def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(tmp_path):
+def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(tmp_path, planted_weights):
     """Lightning DDP on 2 CPU processes: both ranks generate their slices without hanging (before the first step and
     after the epoch), and the figures before the first step (same seed, same weights) equal a single process's."""
     here = Path(__file__).parent
@@ -121,5 +122,7 @@ def test_under_ddp_on_two_processes_the_baseline_equals_the_single_process_one(t
     histories = {2: json.loads((tmp_path / "history.json").read_text()), 1: json.loads(json.dumps(single.history))}
     assert [label for label, _ in histories[2]] == ["before", "epoch 0", "epoch 1"], "4 steps, 2 per epoch"
     assert [label for label, _ in histories[1]] == ["before", "epoch 0"]
+    baseline = {name: value for name, value in histories[1][0][1].items() if name.count("/") == 2}
+    assert len(set(baseline.values())) > 2 and any(0 < v < 1 for v in baseline.values()), "figures vary by set"
     assert histories[2][0] == histories[1][0], "same weights before training, same figures"
     assert "safety/over_refusal/demo_benign" in histories[2][0][1]

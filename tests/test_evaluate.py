@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safety_fixtures import save_guard, tiny_module, write_figstep, write_xstest
+from planted import planted_module
+from safety_fixtures import save_guard, write_figstep, write_xstest
 
 from mllm_safety.evaluate import EvaluateCLI, main
 from mllm_safety.evaluation.generation import GenerationSettings
@@ -112,14 +113,14 @@ def test_config_and_checkpoint_rebuild_exactly_the_trained_model(tmp_path):
 
 
 def test_a_checkpoint_adds_the_trained_weights_to_the_configured_model(tmp_path):
-    trained = tiny_module()
+    trained = planted_module()
     with torch.no_grad():
         trained.model.projector[0].weight.add_(1.0)
     state = {k: v for k, v in trained.state_dict().items() if "projector" in k or "lora" in k}
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": state, "epoch": 1}, ckpt)
 
-    fresh = tiny_module()
+    fresh = planted_module()
     assert not torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
     assert load_checkpoint_weights(fresh, str(ckpt)) == sorted(state)
     assert torch.equal(fresh.model.projector[0].weight, trained.model.projector[0].weight)
@@ -157,9 +158,10 @@ def test_the_fit_configs_callback_is_read_through_fits_own_parser(tmp_path):
 
 def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
     """The user path for several devices: Fabric launches the ranks, each generates for its slice."""
-    benchmarks = benchmarks_arg(tmp_path)
+    demo = {"name": "demo", "modes": ["text", "benign"], "limit": 4}  # prompts whose planted replies differ
+    benchmarks = json.dumps([*json.loads(benchmarks_arg(tmp_path)), demo])
     ckpt = tmp_path / "varied.ckpt"  # every weight of a model whose greedy replies differ from prompt to prompt
-    torch.save({"state_dict": tiny_module().state_dict()}, ckpt)
+    torch.save({"state_dict": planted_module().state_dict()}, ckpt)
     common = [
         "-m",
         "mllm_safety.evaluate",
@@ -186,7 +188,10 @@ def test_two_cpu_processes_write_the_same_report_as_one(tmp_path):
         reports[devices] = json.loads((out / "report.json").read_text())
         reports[devices]["lines"] = (out / "generations.jsonl").read_text()
     replies = {json.loads(line)["reply"] for line in reports[1]["lines"].splitlines()}
-    assert len(replies) > 4, "replies differ, so comparing them means something"
+    figures = reports[1]["judges"]["xstest"]["figures"]
+    assert len(replies) > 3 and 0 < figures["asr/demo_text"] < 1, (
+        "replies and verdicts vary: comparing them means something"
+    )
     assert reports[2]["settings"].pop("world_size") == 2
     assert reports[1]["settings"].pop("world_size") == 1
     assert reports[2] == reports[1]

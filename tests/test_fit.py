@@ -1,6 +1,7 @@
 """The whole path through the CLI: config -> data -> model -> training -> safety evaluation -> logs."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def run_fit(tmp_path, *overrides):
     )
 
 
-def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
-    cli = run_fit(tmp_path, "--trainer.max_epochs", "2", "--data.rejection_ratio", "0.5")
+def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys, planted_weights):
+    planted = ("--model.init_weights", json.dumps([planted_weights]))
+    cli = run_fit(tmp_path, "--trainer.max_epochs", "2", "--data.rejection_ratio", "0.5", *planted)
     trainer = cli.trainer
     assert trainer.current_epoch == 2 and trainer.global_step == 16  # 32 demo samples / batch 4, twice
     callback = next(c for c in trainer.callbacks if isinstance(c, SafetyEvalCallback))
@@ -57,6 +59,12 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys):
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
     safety_rows = [r for r in rows if r["safety/asr/demo_text"]]
     assert len(safety_rows) == 3, "baseline + one evaluation per epoch"
+    # the logged figures are each evaluation's own: they differ between sets and evaluations, and the log has them all
+    logged = [{name: float(row[name]) for name in metrics} for row, (_, metrics) in zip(safety_rows, callback.history)]
+    assert logged == [metrics for _, metrics in callback.history]
+    assert [row["step"] for row in safety_rows] == ["0", "8", "16"]
+    assert len({json.dumps(figures, sort_keys=True) for figures in logged}) == 3, "training moves the figures"
+    assert all(len({v for k, v in figures.items() if k.count("/") == 2}) > 2 for figures in logged)
     assert any(r["train/loss"] for r in rows)
     assert (log_dir / "config.yaml").read_text().count("rejection_ratio: 0.5") == 1
     assert "safety/asr/demo_text" in capsys.readouterr().out, "the before/after table is printed at the end"

@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch.multiprocessing as mp
-from safety_fixtures import evaluate_shard, tiny_module, write_figstep
+from planted import planted_module
+from safety_fixtures import evaluate_shard, write_figstep
 
 from mllm_safety.evaluation import generation
 from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank, rank_slice
@@ -17,7 +18,7 @@ SAMPLED = {"max_new_tokens": 6, "batch_size": 4, "do_sample": True, "temperature
 
 @pytest.fixture(scope="module")
 def module():
-    return tiny_module()
+    return planted_module()
 
 
 @pytest.fixture
@@ -88,7 +89,8 @@ def test_two_process_sharded_evaluation_equals_one_process(module, specs, tmp_pa
     assert sharded["codes"] == single.codes
     assert sharded["metrics"] == single.metrics
     assert single.counts["figstep_image"]["skipped"] == 1
-    assert len({reply for _, reply, _ in expected}) > 5, "replies differ, so the comparison means something"
+    # what is compared varies: replies and verdicts differ from prompt to prompt, figures from set to set
+    assert len({reply for _, reply, _ in expected if reply}) >= 3 and len(set(single.metrics["xstest"].values())) > 2
 
 
 def test_generation_is_greedy_and_batch_independent(module, specs):

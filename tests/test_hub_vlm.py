@@ -147,6 +147,7 @@ def test_batched_greedy_generation_equals_transformers_one_prompt_at_a_time(fami
     batch = processor.collate([processor.prompt(str(i), q, image) for i, (q, image) in enumerate(prompts)], "left")
     pad = processor.tokenizer.pad_token_id
     new = module.model.generate(**batch.generation_inputs(), max_new_tokens=8, pad_token_id=pad)
+    assert len({tuple(row.tolist()) for row in new}) == len(prompts), "replies differ: the comparison means something"
     reference = reference_model(path, name)
     for row, (question, image) in enumerate(prompts):
         single = hf_prompt(path, module, question, image)

@@ -57,8 +57,15 @@ def assert_same_weights(a: dict, b: dict, projector: str = "projector", atol: fl
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=name)
 
 
+def history_varies(history: list) -> bool:
+    """Whether the safety figures differ between sets and between evaluations (so equal histories mean something)."""
+    tables = [json.dumps(metrics, sort_keys=True) for _, metrics in history]
+    by_set = [len({v for k, v in metrics.items() if k.count("/") == 2}) for _, metrics in history]
+    return len(set(tables)) == len(tables) and min(by_set) > 2
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+def runs(tmp_path_factory, planted_weights) -> dict[str, tuple[Path, dict]]:
     """The same two epochs of 2 global batches: whole batches in one process, 2 accumulated micro-batches in one
     process, and 2 accumulated micro-batches under FSDP2 on 2 processes."""
     root = tmp_path_factory.mktemp("runs")
@@ -87,7 +94,9 @@ def test_accumulated_micro_batches_on_one_or_two_fsdp2_processes_train_like_whol
         assert_same_weights(run["weights"], single["weights"])
     assert single["losses"][-1] < single["losses"][0]
     # generation runs through the sharded root (the safety callback before, during and after training, and directly)
+    assert len({tuple(row.tolist()) for row in single["replies"]}) > 1, "replies differ from prompt to prompt"
     assert torch.equal(sharded["replies"], single["replies"])
+    assert history_varies(single["safety"]) and sharded["safety"] == single["safety"]
     # ranks whose replies end at different lengths keep gathering the layers together (no hang), same tokens
     assert [len(tokens) for tokens in single["uneven"]] == [1, 5]
     assert all(torch.equal(a, b) for a, b in zip(sharded["uneven"], single["uneven"], strict=True))
@@ -105,21 +114,24 @@ def test_fsdp2_resumes_from_its_sharded_checkpoint(runs, tmp_path):
     resumed = run_script(tmp_path, *args)
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(single["losses"][2:]), rtol=1e-5, atol=0)
     assert_same_weights(resumed["weights"], single["weights"])
+    assert history_varies(sharded["safety"]), "a baseline evaluated on trained weights would differ"
     assert resumed["safety"] == sharded["safety"]
     # this run gathered its checkpoints into single files on rank 0: the trainable weights, and nothing frozen
     gathered = torch.load(tmp_path / "checkpoints" / "epoch=1-step=4.ckpt", weights_only=True)["state_dict"]
     assert_same_weights(gathered, single["weights"])
 
 
-def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(runs, tmp_path):
+def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(runs, tmp_path, planted_weights):
     """``evaluate --ckpt_path`` on the sharded checkpoint folder and on trainable.safetensors of a 2-process FSDP2 run,
     in one process: the figures the safety callback computed inside training at the same step."""
     folder, sharded = runs["fsdp2"]
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"seed_everything": 0, "model": MODEL_SECTION}))
+    model = {**MODEL_SECTION, "init_weights": [planted_weights]}
+    config.write_text(json.dumps({"seed_everything": 0, "model": model}))
     trainable = sharded["weights"]
     in_training = dict(sharded["safety"])["epoch 1"]
-    benchmarks = json.dumps([{"name": "demo", "modes": ["typographic", "benign"]}])
+    assert in_training != dict(sharded["safety"])["before"], "the trained weights give other figures"
+    benchmarks = json.dumps([{"name": "demo", "modes": ["text", "benign"]}])
     settings = [
         "--eval.limit=3",
         "--eval.generation.max_new_tokens=4",
@@ -131,7 +143,6 @@ def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(run
         args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--output", str(tmp_path / checkpoint.name)]
         figures = evaluate_main([*args, "--eval.benchmarks", benchmarks, *settings, "--trainer.accelerator", "cpu"])
         assert {f"safety/{name}": value for name, value in figures["xstest"].items()} == in_training, checkpoint.name
-        # the tiny model's figures barely move in training: that they come from the trained weights is checked here
         module = EvaluateCLI(["--config", str(config), "--output", str(tmp_path)]).model
         load_checkpoint_weights(module, checkpoint)
         assert_same_weights({name: p for name, p in module.named_parameters() if name in trainable}, trainable)

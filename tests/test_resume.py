@@ -68,8 +68,18 @@ def checkpoint_every(steps: int) -> dict:
     }
 
 
-def fit(root: Path, record: Path, *callbacks: dict, epochs: int = 2, extra: tuple[str, ...] = ()) -> L.Trainer:
-    """The same command every time: 2 epochs of 8 batches, a checkpoint every 3 steps, ``--ckpt_path last``."""
+def fit(
+    root: Path,
+    record: Path,
+    *callbacks: dict,
+    epochs: int = 2,
+    extra: tuple[str, ...] = (),
+    planted: str | None = None,
+) -> L.Trainer:
+    """The same command every time: 2 epochs of 8 batches, a checkpoint every 3 steps, ``--ckpt_path last``;
+    ``planted``: start from the planted tiny model (tests/planted.py), whose figures differ between evaluations."""
+    if planted is not None:
+        extra = (*extra, "--model.init_weights", json.dumps([planted]))
     recorder = {"class_path": "test_resume.RecordBatches", "init_args": {"path": str(record)}}
     cli = main(
         [
@@ -105,14 +115,28 @@ def read_record(path: Path) -> list[tuple[int, list[str]]]:
     return [(int(step), ids) for step, *ids in (line.split() for line in path.read_text().splitlines())]
 
 
+def assert_figures_vary(history: list[tuple[str, dict[str, float]]]) -> None:
+    """What a comparison of safety tables needs to mean something: the planted model's figures differ between sets
+    (some neither 0 nor 1), and every evaluation's table differs from the others, so weights evaluated at the wrong
+    time give another table."""
+    (_, before), *_ = history
+    headline = {name: value for name, value in before.items() if name.count("/") == 2}
+    assert len(set(headline.values())) > 2 and any(0 < v < 1 for v in headline.values()), headline
+    tables = [json.dumps(metrics, sort_keys=True) for _, metrics in history]
+    assert len(set(tables)) == len(tables), "training moves the figures at every evaluation"
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], list[tuple[int, list[str]]], list]:
+def uninterrupted(
+    tmp_path_factory, planted_weights
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, list[str]]], list]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    trainer = fit(root, root / "batches.txt")
+    trainer = fit(root, root / "batches.txt", planted=planted_weights)
     batches = read_record(root / "batches.txt")
     assert len(batches) == 16 and batches[0][1] != batches[8][1], "16 batches; each epoch has its own order"
     history = safety_history(trainer)
     assert [label for label, _ in history] == ["before", "epoch 0", "epoch 1"]
+    assert_figures_vary(history)
     return trainable_weights(trainer), batches, history
 
 
@@ -128,13 +152,13 @@ def assert_continues_exactly(uninterrupted, before: Path, after: Path, resumed: 
     assert safety_history(resumed) == history, "the before/after table of the uninterrupted run"
 
 
-def test_restart_after_a_crash_mid_epoch_continues_exactly(tmp_path, uninterrupted):
+def test_restart_after_a_crash_mid_epoch_continues_exactly(tmp_path, uninterrupted, planted_weights):
     crash = {"class_path": "test_resume.CrashAfterStep", "init_args": {"step": 11}}
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path, tmp_path / "before.txt", crash)
+        fit(tmp_path, tmp_path / "before.txt", crash, planted=planted_weights)
     folders = [tmp_path, tmp_path / "checkpoints"]
     assert newest_checkpoint(folders).name == "epoch=1-step=9.ckpt"  # one batch into the second epoch
-    resumed = fit(tmp_path, tmp_path / "after.txt")
+    resumed = fit(tmp_path, tmp_path / "after.txt", planted=planted_weights)
     assert_continues_exactly(uninterrupted, tmp_path / "before.txt", tmp_path / "after.txt", resumed, step=9)
 
 
@@ -155,15 +179,17 @@ def slurm_job(tmp_path, monkeypatch) -> Path:
     return calls
 
 
-def test_slurm_signal_checkpoints_requeues_and_the_requeued_job_continues_exactly(tmp_path, slurm_job, uninterrupted):
+def test_slurm_signal_checkpoints_requeues_and_the_requeued_job_continues_exactly(
+    tmp_path, slurm_job, uninterrupted, planted_weights
+):
     warned = {"class_path": "test_resume.SignalBeforeStep", "init_args": {"step": 5}}
-    trainer = fit(tmp_path, tmp_path / "before.txt", warned)
+    trainer = fit(tmp_path, tmp_path / "before.txt", warned, planted=planted_weights)
     assert trainer.global_step == 6, "the batch under way when the signal came is finished, then the run stops"
     assert slurm_job.read_text().split() == ["requeue", "4242"]
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["hpc_ckpt_1.ckpt"]
     assert newest_checkpoint([tmp_path, tmp_path / "checkpoints"]).name == "hpc_ckpt_1.ckpt"
 
-    resumed = fit(tmp_path, tmp_path / "after.txt")  # the requeued job: the same command
+    resumed = fit(tmp_path, tmp_path / "after.txt", planted=planted_weights)  # the requeued job: the same command
     assert_continues_exactly(uninterrupted, tmp_path / "before.txt", tmp_path / "after.txt", resumed, step=6)
     assert slurm_job.read_text().split() == ["requeue", "4242"], "no signal, no second requeue"
 
@@ -232,13 +258,14 @@ def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, 
         fit(tmp_path, tmp_path / "fourth.txt", epochs=3, extra=other_seed)
 
 
-def test_rerunning_a_finished_run_ends_cleanly_with_a_message(tmp_path, caplog):
+def test_rerunning_a_finished_run_ends_cleanly_with_a_message(tmp_path, caplog, planted_weights):
     """A retried array job, or a requeue after the final checkpoint: here the last checkpoint was written after the
     last batch, before the epoch's end (Lightning then counts the epoch as done without its end hooks)."""
-    first = fit(tmp_path, tmp_path / "first.txt", checkpoint_every(4), epochs=1)
+    first = fit(tmp_path, tmp_path / "first.txt", checkpoint_every(4), epochs=1, planted=planted_weights)
+    assert_figures_vary(safety_history(first))
     assert newest_checkpoint([tmp_path, tmp_path / "checkpoints"]).name == "epoch=0-step=8.ckpt"
     with caplog.at_level(logging.INFO):
-        again = fit(tmp_path, tmp_path / "again.txt", checkpoint_every(4), epochs=1)
+        again = fit(tmp_path, tmp_path / "again.txt", checkpoint_every(4), epochs=1, planted=planted_weights)
     assert "nothing left to train: the run had already finished" in caplog.text
     assert not (tmp_path / "again.txt").exists(), "no batch trained again"
     assert again.global_step == first.global_step == 8
