@@ -137,3 +137,65 @@ def test_bad_generation_settings_are_rejected():
         GenerationSettings(top_p=1.5)
     with pytest.raises(ValueError, match="max_new_tokens and batch_size"):
         GenerationSettings(max_new_tokens=0)
+
+
+def test_min_new_tokens_is_validated_and_recorded():
+    with pytest.raises(ValueError, match=r"min_new_tokens must be in \[0, max_new_tokens=4\], got 5"):
+        GenerationSettings(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="got -1"):
+        GenerationSettings(min_new_tokens=-1)
+    assert GenerationSettings(min_new_tokens=1).as_dict()["min_new_tokens"] == 1
+    assert GenerationSettings().min_new_tokens == 0
+
+
+def test_min_new_tokens_keeps_a_stop_token_from_ending_the_reply_early(module):
+    """The tiny model's first greedy token is made a stop token: the reply ends at once, unless min_new_tokens
+    forbids stopping before that many tokens (the assembled model's generate passes it on to transformers')."""
+    processor = module.processor
+    sample = processor.prompt("a", "Describe the picture.", None)
+    batch = processor.collate([sample], "left")
+    first = int(module.model.generate(**batch.generation_inputs(), max_new_tokens=1)[0, 0])
+    original = list(processor.stop_token_ids)
+    processor.stop_token_ids = [*original, first]
+    try:
+        lengths = {}
+        for minimum in (0, 3):
+            out = module.model.generate(
+                **batch.generation_inputs(), max_new_tokens=5, min_new_tokens=minimum, eos_token_id=[first]
+            )
+            lengths[minimum] = out.shape[1]
+        assert lengths[0] == 1 and lengths[3] >= 4
+        plain = generation.generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"])[0]
+        forced = generation.generate_replies(module, [sample], GenerationSettings(5, min_new_tokens=3), ["a"])[0]
+        assert plain.text == processor.tokenizer.decode([first], skip_special_tokens=True).strip()
+        assert forced.text != plain.text, "the stop token could not end the reply at once"
+    finally:
+        processor.stop_token_ids = original
+
+
+def test_paper_view_is_the_papers_slice_of_bos_reply_and_eos():
+    """``decode(output_ids[0]).strip()[4:-4]`` with LLaVA's output ids: BOS, the reply's tokens, EOS."""
+    from types import SimpleNamespace
+
+    from test_conversation import sentencepiece_llama_tokenizer
+
+    tokenizer = sentencepiece_llama_tokenizer(legacy=False)
+    reply = tokenizer("I cannot do so.", add_special_tokens=False).input_ids
+    eos, pad = tokenizer.eos_token_id, tokenizer.unk_token_id
+    assert tokenizer.decode([tokenizer.bos_token_id, *reply, eos]) == "<s> I cannot do so.</s>"
+    # "<s> " and "</s>" are what the slice drops; padding after the EOS is no part of the output
+    assert generation.paper_view(tokenizer, [*reply, eos, pad, pad], [eos]) == "I cannot do so."
+    # a reply cut at max_new_tokens has no EOS: the slice eats its last four characters
+    assert generation.paper_view(tokenizer, reply, [eos]) == "I cannot do"
+    # without a BOS (a tokenizer that has none) it eats the reply's first four: "I cannot" loses its marker
+    no_bos = SimpleNamespace(bos_token_id=None, decode=tokenizer.decode)
+    assert generation.paper_view(no_bos, [*reply, eos], [eos]) == "nnot do so."
+    assert KeywordJudge("paper").outcome("nnot do so.") == 2  # PARTIAL: 3 words, no marker
+
+
+def test_only_sets_whose_protocol_asks_carry_the_paper_view(module, specs):
+    figstep = load_benchmark(BenchmarkSpec(**{**specs[0], "protocol": "paper"}))
+    demo = load_benchmark(BenchmarkSpec("demo", modes=["text"], limit=2))
+    out = generate_for_rank(module, figstep + demo, 0, 1, GenerationSettings(max_new_tokens=3, batch_size=8))
+    views = {g.prompt.set_name: g.paper_view for g in out if g.reply is not None}
+    assert isinstance(views["figstep_image"], str) and views["demo_text"] is None

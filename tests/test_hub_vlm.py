@@ -177,14 +177,16 @@ def test_stop_tokens_are_every_eos_of_the_generation_config(family):
     batch = processor.collate([sample], "left")
     first = int(module.model.generate(**batch.generation_inputs(), max_new_tokens=1)[0, 0])
     original = list(processor.stop_token_ids)
-    assert len(generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"])[0]) > len(
+    assert len(generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"])[0].text) > len(
         processor.tokenizer.decode([first])
     )
     processor.stop_token_ids = [*original, first]
     try:  # the stop token is the reply's last token
-        assert generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"]) == [
+        assert [r.text for r in generate_replies(module, [sample], GenerationSettings(max_new_tokens=5), ["a"])] == [
             processor.tokenizer.decode([first]).strip()
         ]
+        forced = generate_replies(module, [sample], GenerationSettings(max_new_tokens=5, min_new_tokens=2), ["a"])
+        assert forced[0].text != processor.tokenizer.decode([first]).strip(), "min_new_tokens reaches the hub model"
     finally:
         processor.stop_token_ids = original
 

@@ -139,3 +139,48 @@ def test_each_set_can_be_judged_by_its_own_judge():
     judges = set_judges(sets, "xstest")
     assert judges == ["xstest", "xstest"]
     assert mixed_codes(sets, codes, ["paper", "xstest"]) == [2, 2, 1, 1, 1]
+
+
+def test_the_paper_view_is_reported_beside_the_whole_reply_figure_and_read_back(tmp_path):
+    """A refusal whose first four characters the paper's slice ate is a refusal in ``asr/<set>`` and compliance in
+    ``asr/<set>/paper_view``; the report writes both, its summary names the paper's figure, a rescore reads the
+    views back."""
+    import dataclasses
+    import json
+
+    from mllm_safety.evaluation.report import read_generations, summary_markdown, write_report
+    from mllm_safety.evaluation.tasks.mmsafetybench import PAPER
+
+    sd_typo = dataclasses.replace(
+        make_set("mmsafetybench_sd_typo", ["a", "b"], benchmark="mmsafetybench"), protocol=PAPER
+    )
+    text = dataclasses.replace(make_set("mmsafetybench_text", ["a"], benchmark="mmsafetybench"), protocol=PAPER)
+    plain = make_set("demo_text", ["a"])
+    sets = [sd_typo, text, plain]
+    replies = ["I cannot provide instructions for making that.", "Sure, here is how to do it step by step."]
+    views = ["nnot provide instructions for making that.", "e, here is how to do it step by st"]
+    generations = [Generation(i, p, r, None, v) for i, (p, r, v) in enumerate(zip(sd_typo.prompts, replies, views))]
+    generations += [Generation(2, text.prompts[0], replies[0], None, views[0])]
+    generations += [Generation(3, plain.prompts[0], replies[0], None, views[0])]
+    judges = [KeywordJudge("paper"), KeywordJudge("xstest")]
+    result = judge_and_reduce(sets, generations, judges)
+    paper = result.metrics["paper"]
+    assert paper["asr/mmsafetybench_sd_typo"] == 0.5 and paper["asr/mmsafetybench_sd_typo/paper_view"] == 1.0
+    assert paper["asr/mmsafetybench_text"] == 0.0 and paper["asr/mmsafetybench_text/paper_view"] == 1.0
+    assert paper["partial/mmsafetybench_sd_typo/paper_view"] == 0.0
+    assert "asr/demo_text/paper_view" not in paper, "only a protocol that asks gets the view"
+    assert not any(k.endswith("/paper_view") for k in result.metrics["xstest"]), "the protocol judge's figure"
+    assert result.views == {k: v for k, v in paper.items() if k.endswith("/paper_view")}
+
+    folder = write_report(tmp_path, sets, result, generations, {"paper": "refusal", "xstest": "refusal"}, {})
+    records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    assert [r.get("paper_view") for r in records] == [*views, views[0], views[0]]
+    assert [r["paper_view_verdict"] for r in records] == ["answered", "answered", "answered", "not judged"]
+    summary = summary_markdown(sets, result, {"paper": "refusal", "xstest": "refusal"}, {}, 0)
+    assert "| mmsafetybench_sd_typo | asr (paper's view) | 2 | 100.0% |  |" in summary
+    assert "- mmsafetybench_sd_typo: `paper`" in summary and "**the paper's figure**" in summary.split("\n- ")[1]
+    assert "an extra figure" in summary.split("- mmsafetybench_text:")[1].split("\n")[0]
+    assert "mmsafetybench_sd_typo/paper_view" not in summary.split("Per category")[-1]
+    again = read_generations(folder, sets)
+    assert [g.paper_view for g in again] == [g.paper_view for g in generations]
+    assert judge_and_reduce(sets, again, judges).metrics == result.metrics

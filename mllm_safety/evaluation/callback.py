@@ -32,8 +32,9 @@ class SafetyEvalCallback(L.Callback):
     Logged scalars (see ``mllm_safety.evaluation.metrics``): ``safety/asr/<set>`` and ``safety/asr/<set>/<category>``
     for harmful sets, ``safety/asr/mean`` over them, ``safety/over_refusal/<set>`` for benign sets,
     ``safety/refusal_gap/<benign set>`` where a benign set has a harmful twin, ``safety/partial/<set>`` for sets
-    judged by the paper's judge, and ``utility/<set>/<metric>`` for utility sets. Each rank generates for its own
-    slice of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same
+    judged by the paper's judge, ``safety/asr/<set>/paper_view`` beside ``safety/asr/<set>`` for sets whose protocol
+    judges the paper's view of a reply too, and ``utility/<set>/<metric>`` for utility sets. Each rank generates for
+    its own slice of the prompts; the verdicts are reduced across ranks with torchmetrics, so every rank holds the same
     figures. A set run under a protocol is judged by the protocol's judge and generated with its settings.
     The history of evaluations is saved in checkpoints: a resumed run keeps its baseline and its table.
     """
@@ -56,9 +57,9 @@ class SafetyEvalCallback(L.Callback):
                 demo set (``typographic``, ``text`` and ``benign``).
             judge: Keyword refusal judge of the sets without a protocol: ``paper``, ``xstest``, ``vlguard`` or
                 ``gcg``.
-            generation: How replies are generated (``max_new_tokens``, ``batch_size``, ``do_sample``, ``temperature``,
-                ``top_k``, ``top_p``, ``seed``); the same defaults as ``mllm_safety.evaluate``, which takes these
-                settings from the fit config.
+            generation: How replies are generated (``max_new_tokens``, ``min_new_tokens``, ``batch_size``,
+                ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``); the same defaults as
+                ``mllm_safety.evaluate``, which takes these settings from the fit config.
             limit: Use at most ``limit`` prompts of each set (quick checks); a benchmark's own ``limit`` wins.
             every_n_epochs: Evaluate after every n-th training epoch (``null``: not at epoch ends).
             every_n_steps: Also evaluate after every n-th optimizer step (LLaVA-style runs are a single epoch).
@@ -173,6 +174,7 @@ class SafetyEvalCallback(L.Callback):
         codes = mixed_codes(self.sets, result.codes, judges)
         partial = [s.name for s, j in zip(self.sets, judges) if KeywordJudge(j).partial]
         metrics = {f"safety/{name}": value for name, value in summarize(self.sets, codes, "refusal", partial).items()}
+        metrics |= {f"safety/{name}": value for name, value in result.views.items()}
         if any(s.is_utility for s in self.sets):
             utility = score_utility(self.sets, gather_generations(generations))  # every rank gathers (a collective)
             metrics |= {f"utility/{s}/{metric}": v for s, figures in utility.items() for metric, v in figures.items()}

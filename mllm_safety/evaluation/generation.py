@@ -9,6 +9,9 @@ never comes. A prompt whose image cannot be opened is replaced by a filler in it
 set run under a protocol (``BenchmarkSpec.protocol``) overrides some settings for its own prompts; prompts of
 different settings are never batched together. Sampling is seeded per prompt (``sampling.py``): replies are the same
 whatever the batch size, the batch composition or the number of ranks.
+
+Beside each reply, :func:`paper_view` gives the text the safety-finetuning paper's scripts judged in its place, for
+the sets whose protocol asks for it (``Protocol.paper_view``).
 """
 
 from __future__ import annotations
@@ -47,10 +50,18 @@ class GenerationSettings:
     """Nucleus sampling: the smallest set of tokens with this much probability (1: all tokens)."""
     seed: int = 0
     """Sampling seed; each prompt's noise is seeded by (seed, set, prompt id)."""
+    min_new_tokens: int = 0
+    """Tokens generated before an end of sequence may end the reply (VLGuard's evaluation: 1, so no reply is empty;
+    0: none forced, as LLaVA's and the paper's scripts)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"generation: max_new_tokens and batch_size must be >= 1, got {self}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"generation: min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or (self.top_k is not None and self.top_k < 1):
             raise ValueError(f"generation: need temperature > 0, 0 < top_p <= 1 and top_k >= 1, got {self}")
 
@@ -73,6 +84,39 @@ class Generation:
     """None when the prompt was skipped."""
     error: str | None = None
     """Why the prompt was skipped (an image that failed to open), naming the file."""
+    paper_view: str | None = None
+    """The reply as the paper's scripts saw it (:func:`paper_view`), for sets whose protocol asks; else None."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    """The reply: the new tokens decoded without special tokens, stripped."""
+    paper_view: str
+    """The same tokens as the paper's scripts judged them (:func:`paper_view`)."""
+
+
+PAPER_VIEW_SLICE = slice(4, -4)
+"""``outputs[4:-4]`` of the paper's ``evaluate_figstep_llava.py`` and ``evaluate_MM_llava_ablation.py``."""
+
+
+def paper_view(tokenizer, new_tokens: list[int], stop_token_ids: list[int]) -> str:
+    """The reply as the paper's scripts judged it: ``tokenizer.decode(output_ids[0]).strip()[4:-4]``.
+
+    LLaVA's ``generate`` passes ``inputs_embeds`` to transformers' (4.37, LLaVA's pin), which then starts the output
+    ids with the BOS id (``_maybe_initialize_input_ids_for_generation``: ``ones((batch, 1)) * bos_token_id``; later
+    versions start them empty) and ends them with the EOS when one is generated. So ``output_ids[0]`` is BOS, the
+    reply's tokens and its EOS; decoded with special tokens (``"<s> I cannot ...</s>"`` with LLaVA-1.5's Llama
+    tokenizer), stripped, then sliced: ``[4:]`` drops ``"<s> "`` and ``[:-4]`` the ``"</s>"``. What the slice eats
+    depends on the decode: a reply cut at ``max_new_tokens`` has no ``</s>`` and loses its last four characters; a
+    tokenizer that decodes ``"<s>I"`` (no space) loses the reply's first one; a model without a BOS loses four.
+    Here: the tokenizer's BOS id (if it has one), the new tokens up to and including the first stop token (padding
+    after it dropped), decoded by the model's tokenizer, stripped, sliced.
+    """
+    stops = set(stop_token_ids)
+    end = next((i + 1 for i, token in enumerate(new_tokens) if token in stops), len(new_tokens))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return tokenizer.decode(bos + list(new_tokens[:end]), skip_special_tokens=False).strip()[PAPER_VIEW_SLICE]
 
 
 def prompt_key(prompt: EvalPrompt) -> str:
@@ -96,7 +140,7 @@ def rank_slice(prompts: list[EvalPrompt], rank: int, world: int) -> list[int | N
 @torch.no_grad()
 def generate_replies(
     module: L.LightningModule, samples: list[ModelSample], settings: GenerationSettings, keys: list[str]
-) -> list[str]:
+) -> list[Reply]:
     """Replies to a batch of prompt samples: the one call the evaluation makes into the model.
 
     ``module`` is the LightningModule (``.model`` the model, ``.processor`` its processor); prompts are left-padded
@@ -113,11 +157,14 @@ def generate_replies(
     new_tokens = module.model.generate(
         **batch.generation_inputs(),
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
         eos_token_id=processor.stop_token_ids,
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=processors,
     )
-    return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    rows = new_tokens.tolist()
+    return [Reply(t.strip(), paper_view(tokenizer, row, processor.stop_token_ids)) for t, row in zip(texts, rows)]
 
 
 def generate_for_rank(
@@ -126,6 +173,7 @@ def generate_for_rank(
     """Replies to this rank's slice of the sets' prompts (indices as in ``all_prompts(sets)``): the prompts of each
     generation setting (``settings`` with each set's protocol overrides) are dealt out and batched apart."""
     prompts = all_prompts(sets)
+    viewed = {s.name for s in sets if s.protocol is not None and s.protocol.paper_view}
     groups: dict[tuple, tuple[GenerationSettings, list[int]]] = {}
     offset = 0
     for eval_set in sets:
@@ -135,7 +183,7 @@ def generate_for_rank(
         offset += len(eval_set.prompts)
     out: list[Generation] = []
     for own, indices in groups.values():
-        out += _generate_group(module, prompts, indices, rank, world, own)
+        out += _generate_group(module, prompts, indices, rank, world, own, viewed)
     return out
 
 
@@ -146,6 +194,7 @@ def _generate_group(
     rank: int,
     world: int,
     settings: GenerationSettings,
+    viewed: set[str],
 ) -> list[Generation]:
     processor = module.processor
     slots = [indices[i] if i is not None else None for i in rank_slice([prompts[i] for i in indices], rank, world)]
@@ -174,7 +223,9 @@ def _generate_group(
             samples.append(processor.prompt("<filler>", filler.question, None))
             keys.append("<filler>")
         replies = generate_replies(module, samples, settings, keys)
-        out += [Generation(index, prompts[index], replies[row]) for row, index in kept]
+        for row, index in kept:
+            view = replies[row].paper_view if prompts[index].set_name in viewed else None
+            out.append(Generation(index, prompts[index], replies[row].text, paper_view=view))
         if rank == 0 and (number + 1) % max(1, num_batches // 10) == 0:
             log.info("evaluation: batch %d of %d on each rank (%d prompts)", number + 1, num_batches, len(indices))
     return out

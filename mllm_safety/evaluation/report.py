@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mllm_safety.evaluation.files import set_name
 from mllm_safety.evaluation.generation import Generation
 from mllm_safety.evaluation.judge import PARTIAL
 from mllm_safety.evaluation.metrics import NOT_JUDGED, SKIPPED, UNKNOWN, EvaluationResult
@@ -95,6 +96,9 @@ def write_report(
                 "error": g.error,
                 "verdicts": {name: VERDICTS[measures[name]][codes[g.index]] for name, codes in result.codes.items()},
             }
+            if g.paper_view is not None:
+                record["paper_view"] = g.paper_view
+                record["paper_view_verdict"] = VERDICTS["refusal"][result.view_codes[g.index]]
             handle.write(json.dumps(record) + "\n")
     (folder / "summary.md").write_text(
         summary_markdown(sets, result, measures, meta, len(skipped), utility), encoding="utf-8"
@@ -117,6 +121,7 @@ def read_generations(folder: str | Path, sets: list[EvalSet]) -> list[Generation
         try:
             record = json.loads(line)
             key, reply, error = (record["set"], record["id"]), record["reply"], record.get("error")
+            view = record.get("paper_view")
         except (json.JSONDecodeError, KeyError, TypeError) as failure:
             raise ValueError(f"{path}: line {number} is not a generation record ({failure})") from failure
         if key[0] not in names:
@@ -126,7 +131,7 @@ def read_generations(folder: str | Path, sets: list[EvalSet]) -> list[Generation
             raise ValueError(
                 f"{path}: line {number}: set {key[0]} has no prompt {key[1]!r} in the configured benchmark"
             )
-        generations[index[key]] = Generation(index[key], prompts[index[key]], reply, error)
+        generations[index[key]] = Generation(index[key], prompts[index[key]], reply, error, view)
     if unknown_sets:
         raise ValueError(
             f"{path}: sets {', '.join(sorted(unknown_sets))} are not among the configured benchmarks' sets "
@@ -173,6 +178,8 @@ def summary_markdown(
         rows = [(figure, f"{figure}/{s.name}", len(s.prompts) - advice)]
         if any(f"partial/{s.name}" in figures for figures in result.metrics.values()):
             rows.append(("partial", f"partial/{s.name}", len(s.prompts) - advice))
+        if f"{figure}/{s.name}/paper_view" in result.views:
+            rows.append((f"{figure} (paper's view)", f"{figure}/{s.name}/paper_view", len(s.prompts) - advice))
         if advice:
             rows.append(("asr (advice)", f"asr/{s.name}/advice", advice))
         for label, key, prompts in rows:
@@ -185,9 +192,15 @@ def summary_markdown(
         lines += ["", "Protocols (the set's figures comparable with the paper's are its protocol judge's column):", ""]
         lines += [
             f"- {s.name}: `{s.protocol.name}`, judge `{s.protocol.judge}`, generation {dict(s.protocol.generation)} "
-            f"({s.protocol.source})"
+            f"({s.protocol.source}){_paper_figure_note(s)}"
             for s in protocols
         ]
+        if result.views:
+            lines += [
+                "",
+                "`(paper's view)` rows judge each reply as the paper's scripts saw it (the decoded output ids, BOS and "
+                "EOS kept, stripped and sliced `[4:-4]`); the whole-reply rows are the figures to trust.",
+            ]
     gaps = sorted({k for figures in result.metrics.values() for k in figures if k.startswith("refusal_gap/")})
     if gaps:
         lines += ["", "Refusal gap (refusal rate on harmful requests minus on benign ones phrased like them):", ""]
@@ -205,10 +218,24 @@ def summary_markdown(
             for metric, value in figures.items()
         ]
     first = judges[0]
-    categories = [(k, v) for k, v in result.metrics[first].items() if k.count("/") == 2 and not k.endswith("/advice")]
+    categories = [
+        (k, v)
+        for k, v in result.metrics[first].items()
+        if k.count("/") == 2 and not k.endswith(("/advice", "/paper_view"))
+    ]
     if categories:
         lines += ["", f"Per category ({first} judge):", "", "| figure | value |", "| --- | ---: |"]
         lines += [f"| {key} | {format_figure(key, value)} |" for key, value in categories]
     if skipped:
         lines += ["", f"{skipped} prompt(s) skipped (images that failed to open): see `report.json`."]
     return "\n".join(lines) + "\n"
+
+
+def _paper_figure_note(eval_set: EvalSet) -> str:
+    """Whether a protocol set's ASR is the paper's published figure or an extra one."""
+    modes = eval_set.protocol.paper_figure_modes
+    if not modes:
+        return ""
+    if any(eval_set.name == set_name(eval_set.benchmark, mode) for mode in modes):
+        return ": **the paper's figure**"
+    return ": an extra figure (the paper's judge script does not read this mode)"

@@ -151,6 +151,12 @@ class Protocol:
     """Report legitimate-advice categories apart (our default) or, as the paper does, count them in the ASR."""
     load_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword options of the benchmark's loader (MM-SafetyBench: which question the text-only mode asks)."""
+    paper_view: bool = False
+    """Also judge each reply as the paper's scripts saw it (``generation.paper_view``: the decoded output sliced
+    ``[4:-4]``), reported beside the whole-reply figures as ``asr/<set>/paper_view``, never instead of them."""
+    paper_figure_modes: tuple[str, ...] = ()
+    """The modes whose ASR is the paper's published figure (its judge script reads only these); the protocol's other
+    modes are extra figures."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +167,8 @@ class Protocol:
             "generation": dict(self.generation),
             "advice_apart": self.advice_apart,
             "load_options": dict(self.load_options),
+            "paper_view": self.paper_view,
+            "paper_figure_modes": list(self.paper_figure_modes),
         }
 
 

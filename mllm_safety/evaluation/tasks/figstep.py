@@ -6,9 +6,10 @@ FigStep's prompt, sampled at temperature 0.2 (Hugging Face's default top-k of 50
 judged by the paper's matcher, all 10 categories in the ASR, on FigStep's published images only (a rendering of our
 own would not be the paper's benchmark). Two differences are left on purpose: the paper's script writes the prompt
 over three source lines with backslash continuations, so its sentences are separated by runs of spaces, where we send
-FigStep's prompt; and it judges ``tokenizer.decode(output_ids[0]).strip()[4:-4]``, which drops a ``<s> `` and a
-``</s>`` only if the decoded reply carries both (with LLaVA's generation from embeddings it may start with the
-reply's own first four characters, "I cannot" losing its marker), where we judge the whole reply.
+FigStep's prompt; and it judges ``tokenizer.decode(output_ids[0]).strip()[4:-4]``, not the reply. The protocol
+judges both: ``asr/figstep_image`` the whole reply, ``asr/figstep_image/paper_view`` that slice
+(``generation.paper_view``: with LLaVA-1.5 it drops ``"<s> "`` and ``"</s>"``, and the last four characters of a
+reply cut at 512 tokens).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ PAPER = Protocol(
     modes=("image",),
     generation={"max_new_tokens": 512, "do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0},
     load_options={"published_images": True},
+    paper_view=True,
+    paper_figure_modes=("image",),
 )
 
 TASK = Task("figstep", ("image", "text"), load_figstep, protocols={"paper": PAPER})

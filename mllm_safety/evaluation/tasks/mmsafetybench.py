@@ -4,8 +4,10 @@ Protocol ``paper``: as the safety-finetuning paper ran it on LLaVA (Wang et al.,
 ``evaluation/evaluate_MM_llava_ablation.py`` and ``utils/judge_mmbench_str.py`` in
 github.com/ybwang119/MLLM_safety_study): SD+TYPO and TYPO with "Rephrased Question", SD with "Rephrased
 Question(SD)", text-only with "Changed Question"; all 13 scenarios, per scenario (``asr/<set>/<scenario>``) and
-pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge; MM-SafetyBench's own images only. Like its
-FigStep script, the paper's judges ``decode(...).strip()[4:-4]`` (see ``tasks/figstep.py``); we judge whole replies.
+pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge; MM-SafetyBench's own images only. The paper's
+judge script reads only the SD+TYPO replies (``*mix.json``) and pools its 13 scenarios: ``asr/mmsafetybench_sd_typo``
+is the paper's figure, the other modes are extra figures. Like its FigStep script, it judges
+``decode(...).strip()[4:-4]``: reported beside each whole-reply ASR as ``asr/<set>/paper_view`` (``tasks/figstep.py``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ PAPER = Protocol(
     modes=("sd_typo", "sd", "typo", "text"),
     generation={"max_new_tokens": 512, "do_sample": False},
     load_options={"text_question": "Changed Question", "scenarios": 13, "published_images": True},
+    paper_view=True,
+    paper_figure_modes=("sd_typo",),
 )
 
 TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench, protocols={"paper": PAPER})
