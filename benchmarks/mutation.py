@@ -1,0 +1,182 @@
+"""Mutation score of the pure-Python core: do its tests fail when the code is wrong?
+
+A passing suite proves little if a test compares values that are the same whether the code is right or wrong. This
+benchmark runs mutmut (3.x) on the modules whose behaviour is pure logic (the rejection swap and sample selection,
+label masks, keyword judges, safety figures, the utility scorers, the reply-token mean, the resume settings check):
+each mutant (one small change, e.g. ``<`` for ``<=``) is run against the module's own test files only, and should
+make one of them fail ("killed"). A survivor is either a missing test or an equivalent mutant (one that no input
+can tell apart); equivalent survivors are argued, one line each, in ``EQUIVALENT`` below.
+
+Each module is mutated in its own copy of the tree (``.mutation/<module>``, git-ignored); mutmut forks one process
+per mutant from a process that has already imported torch and the tests, so a run costs seconds per mutant, not
+an interpreter start. Not part of CI. Needs the ``mutation`` extra (``pip install -e '.[mutation]'``)::
+
+    python benchmarks/mutation.py [--modules rejection judge ...] [--jobs 2]
+
+It prints, per module: mutants, killed, survived (uncovered ones included), timeouts (counted as killed: a mutant
+that hangs fails the suite), the score (killed + timeouts over all mutants) and the score once the argued
+equivalent survivors are left out; then every survivor, keyed ``<module>: <function>: <line before> -> <line
+after>``, with its argument or ``NOT ARGUED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    source: str
+    """The file to mutate, relative to the repository root."""
+    tests: tuple[str, ...]
+    """Its own test files."""
+    functions: tuple[str, ...] = ("*",)
+    """The functions to mutate: ``name``, ``Class.method`` or ``Class.*`` (``*``: the whole file)."""
+
+
+TARGETS: dict[str, Target] = {
+    "rejection": Target("mllm_safety/data/rejection.py", ("tests/test_rejection.py", "tests/test_selection.py")),
+    "selection": Target("mllm_safety/data/selection.py", ("tests/test_selection.py",)),
+    "conversation": Target("mllm_safety/data/conversation.py", ("tests/test_conversation.py",)),
+    "judge": Target("mllm_safety/evaluation/judge.py", ("tests/test_judge.py",)),
+    "metrics": Target("mllm_safety/evaluation/metrics.py", ("tests/test_metrics.py",)),
+    "scienceqa": Target(
+        "mllm_safety/evaluation/tasks/scienceqa.py",
+        ("tests/test_scienceqa.py",),
+        ("parse_choice", "is_correct", "score_scienceqa"),
+    ),
+    "vizwiz": Target(
+        "mllm_safety/evaluation/tasks/vizwiz.py",
+        ("tests/test_vizwiz.py",),
+        ("normalize_answer", "vqa_accuracy", "paper_accuracy", "score_vizwiz"),
+    ),
+    "mme": Target("mllm_safety/evaluation/tasks/mme.py", ("tests/test_mme.py",), ("read_yes_no", "score_mme")),
+    "pope": Target("mllm_safety/evaluation/tasks/pope.py", ("tests/test_pope.py",), ("says_yes", "score_pope")),
+    "token_mean": Target("mllm_safety/train/token_mean.py", ("tests/test_token_mean.py",)),
+    "resume": Target("mllm_safety/train/resume.py", ("tests/test_resume.py",), ("flatten", "SameRunSettings.*")),
+}
+
+EQUIVALENT: dict[str, str] = {}
+"""Survivors no test can kill, keyed as printed, with the reason in one line."""
+
+KILLED, SURVIVED, TIMEOUT = "killed", "survived", "timeout"
+
+
+def mutmut_names(target: Target) -> list[str]:
+    """mutmut's name globs for the target's functions (``x_<function>`` and ``xǁ<Class>ǁ<method>``)."""
+    module = target.source.removesuffix(".py").replace("/", ".")
+    if target.functions == ("*",):
+        return [f"{module}.*"]
+    return [
+        f"{module}.xǁ{name.replace('.', 'ǁ')}__mutmut_*" if "." in name else f"{module}.x_{name}__mutmut_*"
+        for name in target.functions
+    ]
+
+
+def prepare(work: Path, target: Target) -> None:
+    """A fresh copy of the package, tests and configs, with mutmut's settings appended to pyproject.toml."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for folder in ("mllm_safety", "tests", "configs"):
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = {
+        "source_paths": ["mllm_safety"],
+        "only_mutate": [target.source],
+        "pytest_add_cli_args_test_selection": list(target.tests),
+        "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+        "use_git_change_detection": False,
+    }
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (work / "pyproject.toml").write_text(pyproject + "\n[tool.mutmut]\n" + "\n".join(lines) + "\n")
+
+
+def describe(name: str, diff: str) -> str:
+    """A key that survives renumbering and moved lines: the function and the changed line(s)."""
+    function = name.partition("__mutmut_")[0].rpartition(".")[2]
+    function = function.strip("ǁ").replace("ǁ", ".") if "ǁ" in function else function.removeprefix("x_")
+    lines = diff.splitlines()
+    before = " / ".join(line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---"))
+    after = " / ".join(line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++"))
+    return f"{function}: {before} -> {after}"
+
+
+def run_module(module: str, target: Target, work: Path, jobs: int) -> dict:
+    """Mutate one module and return its counts and survivors."""
+    prepare(work, target)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # the copy's package, not ours
+    env |= {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    mutmut = Path(sys.executable).with_name("mutmut")
+    command = [str(mutmut), "run", "--max-children", str(jobs), *mutmut_names(target)]
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    meta = work / "mutants" / (target.source + ".meta")
+    if done.returncode != 0 or not meta.is_file():
+        raise RuntimeError(f"mutmut failed on {module} (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr}")
+
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    wanted = mutmut_names(target)
+    statuses = {name: status_by_exit_code[c] for name, c in codes.items() if any(fnmatch(name, w) for w in wanted)}
+    cwd = os.getcwd()
+    os.chdir(work)  # mutmut reads the mutants from ./mutants
+    try:
+        survivors = {
+            describe(name, get_diff_for_mutant(name, path=target.source)): status
+            for name, status in sorted(statuses.items())
+            if status not in (KILLED, TIMEOUT)
+        }
+    finally:
+        os.chdir(cwd)
+    counts = {status: sum(s == status for s in statuses.values()) for status in (KILLED, TIMEOUT)}
+    return {"mutants": len(statuses), **counts, "survivors": survivors, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".mutation", help="where the mutated copies go")
+    args = parser.parse_args()
+
+    results = {}
+    for module in args.modules:
+        print(f"mutating {module} ...", flush=True)
+        results[module] = run_module(module, TARGETS[module], args.workdir / module, args.jobs)
+
+    header = f"{'module':<13} {'mutants':>7} {'killed':>6} {'survived':>8} {'timeouts':>8} {'score':>6} {'argued':>6}"
+    print("\n" + header + "  time")
+    for module, r in results.items():
+        detected = r[KILLED] + r[TIMEOUT]
+        argued = sum(f"{module}: {key}" in EQUIVALENT for key in r["survivors"])
+        score = detected / r["mutants"] if r["mutants"] else 1.0
+        rest = r["mutants"] - argued
+        adjusted = detected / rest if rest else 1.0
+        print(
+            f"{module:<13} {r['mutants']:>7} {r[KILLED]:>6} {len(r['survivors']):>8} {r[TIMEOUT]:>8} "
+            f"{score:>6.1%} {adjusted:>6.1%}  {r['seconds']:.0f} s"
+        )
+    for module, r in results.items():
+        if r["survivors"]:
+            print(f"\n{module} survivors:")
+        for key, status in r["survivors"].items():
+            reason = EQUIVALENT.get(f"{module}: {key}", "NOT ARGUED")
+            print(f"  [{status}] {key}\n      {reason}")
+
+
+if __name__ == "__main__":
+    main()
