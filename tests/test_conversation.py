@@ -1,4 +1,6 @@
 import copy
+import pickle
+import re
 
 import pytest
 
@@ -53,19 +55,50 @@ def test_end_marker_can_be_left_out_of_the_loss(tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("rec", "image", "reason"),
+    ("rec", "image", "reason", "detail"),
     [
-        (record("only a question")["conversations"][:1], None, "no_reply"),
-        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], None, "bad_conversation"),
-        ([{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], None, "bad_image"),
-        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], IMAGE, "bad_image"),
-        ("not a list", None, "bad_conversation"),
+        (record("only a question")["conversations"][:1], None, "no_reply", "no assistant turn"),
+        (
+            [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}],
+            None,
+            "bad_conversation",
+            r"turns 0-1 have roles \['gpt', 'human'\]",
+        ),
+        (["human: q", "gpt: a"], None, "bad_conversation", r"roles \[None, None\]"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": 3}], None, "bad_conversation", "non-string"),
+        ([{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], None, "bad_image", "but no image"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], IMAGE, "bad_image", "has an image but no"),
+        (record("<image> and <image>", "a")["conversations"], IMAGE, "bad_image", "2 <image> placeholders"),
+        ("not a list", None, "bad_conversation", "non-empty list"),
+        ([], None, "bad_conversation", "non-empty list"),
     ],
 )
-def test_malformed_conversations_name_the_sample(rec, image, reason):
+def test_malformed_conversations_name_the_sample_and_the_problem(rec, image, reason, detail):
     with pytest.raises(SampleError, match="sample 'bad-7'") as error:
         parse_llava_record({"id": "bad-7", "conversations": rec}, image)
     assert error.value.reason == reason
+    assert error.value.sample_id == "bad-7"
+    assert re.search(detail, error.value.detail), error.value.detail
+
+
+def test_a_record_without_id_is_named_as_such():
+    with pytest.raises(SampleError, match="sample '<no id>'"):
+        parse_llava_record({"conversations": []}, None)
+
+
+def test_a_parsed_record_keeps_its_id_image_and_source():
+    parsed = parse_llava_record(record("<image>\nq", "a", sample_id="s9") | {"source": "med"}, IMAGE)
+    assert (parsed.id, parsed.image, parsed.source) == ("s9", IMAGE, "med")
+    assert parse_llava_record(record("q", "a") | {"source": 3}, None).source is None, "a source is a name"
+
+
+def test_skip_errors_survive_pickling_into_the_main_process():
+    """Loader workers send skips to the main process, which counts them by reason."""
+    error = pickle.loads(pickle.dumps(SampleError("s1", "too_long", "detail")))
+    assert (error.sample_id, error.reason, error.detail) == ("s1", "too_long", "detail")
+    assert str(error) == "sample 's1': detail"
+    with pytest.raises(ValueError, match="unknown skip reason 'nope'"):
+        SampleError("s1", "nope", "detail")
 
 
 def test_trailing_unanswered_question_is_dropped():
@@ -81,9 +114,9 @@ def test_truncation_never_cuts_the_image_and_keeps_a_reply(tokenizer):
     truncated = ChatEncoder(tokenizer, 10, -200, max_length=image_end + 20).encode(conv)
     assert len(truncated.input_ids) == image_end + 20
     assert any(label != IGNORE_INDEX for label in truncated.labels)
-    with pytest.raises(SampleError, match="would cut the image"):
+    with pytest.raises(SampleError, match="sample 's1': .* would cut the image"):
         ChatEncoder(tokenizer, 10, -200, max_length=image_end - 1).encode(conv)
-    with pytest.raises(SampleError, match="no reply token"):
+    with pytest.raises(SampleError, match="sample 's1': no reply token"):
         ChatEncoder(tokenizer, 10, -200, max_length=image_end + 3).encode(conv)
 
 
@@ -215,3 +248,48 @@ def test_a_token_is_learned_when_it_covers_reply_text_zero_width_tokens_included
     before = [0, *itertools.accumulate(mark)]
     assert [_covers_learned(o, mark, before) for o in [(0, 2), (1, 3), (4, 6), (5, 6)]] == [False, True, True, False]
     assert [_covers_learned(o, mark, before) for o in [(3, 3), (1, 1), (5, 5)]] == [True, False, False]
+
+
+def test_llava_hf_template_reads_content_parts_and_gets_the_bos_it_does_not_write():
+    """llava-hf's template renders typed content parts (a plain string renders as nothing) and writes no BOS, which
+    its Llama tokenizer adds: the sample is one BOS and the whole rendered text tokenized at once, the <image> token
+    expanded, only the replies learned."""
+    from conftest import LLAVA_HF_CHAT_TEMPLATE
+
+    tokenizer = sentencepiece_llama_tokenizer(legacy=False)
+    tokenizer.chat_template = LLAVA_HF_CHAT_TEMPLATE
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    conv = parse_llava_record(record("<image>\nWhat is it?", "A red circle.", "And you?", "Red!"), IMAGE)
+    encoded = ChatEncoder(tokenizer, num_image_tokens=3, image_token_id=image_id).encode(conv)
+
+    # the text ends with the last reply: what the template writes after it is not part of the sample
+    text = "USER: <image>\nWhat is it? ASSISTANT: A red circle. USER: And you? ASSISTANT: Red!"
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert whole.count(image_id) == 1
+    assert encoded.input_ids == [tokenizer.bos_token_id, *(i for t in whole for i in [t] * (3 if t == image_id else 1))]
+    assert learned_text(tokenizer, encoded) == "A red circle. Red!"
+
+
+def test_image_parts_let_the_template_place_the_image():
+    """Hub VLMs: the user's <image> becomes an image content part, wherever it stood, and the template writes it."""
+    from conftest import LLAVA_HF_CHAT_TEMPLATE
+
+    tokenizer = sentencepiece_llama_tokenizer(legacy=False)
+    tokenizer.chat_template = LLAVA_HF_CHAT_TEMPLATE
+    encoder = ChatEncoder(tokenizer, 3, tokenizer.convert_tokens_to_ids("<image>"), image_parts=True)
+    assert encoder.prompt_text("What is it?\n<image>", has_image=True) == "USER: <image>\nWhat is it? ASSISTANT:"
+    conv = parse_llava_record(record("Left <image> right", "Both."), IMAGE)
+    assert encoder.turn_texts(conv)[0][1] == "USER: <image>\nLeft right ASSISTANT: Both. "
+
+
+def test_a_template_that_does_not_render_turn_by_turn_is_a_named_skip(tokenizer):
+    """Label masks need each turn's prompt to extend the text before it; a template that renders only the last
+    message cannot be laid out, and the sample is skipped with a reason instead of learning the wrong tokens."""
+    last_only = copy.deepcopy(tokenizer)
+    last_only.chat_template = (
+        "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    conv = parse_llava_record(record("Hi", "Hello.", "Bye", "Bye."), None)
+    with pytest.raises(SampleError, match="sample 's1': the chat template does not render") as error:
+        ChatEncoder(last_only, 3, -200).encode(conv)
+    assert error.value.reason == "template"
