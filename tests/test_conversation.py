@@ -1,6 +1,7 @@
 import copy
 import pickle
 import re
+import types
 
 import pytest
 
@@ -23,6 +24,7 @@ def test_only_assistant_replies_and_their_end_marker_are_learned(tokenizer):
     conv = parse_llava_record(record("<image>\nWhat is this?", "A red circle.", "Colour?", "Red."), IMAGE)
     encoded = ChatEncoder(tokenizer, num_image_tokens=5, image_token_id=-200).encode(conv)
     assert learned_text(tokenizer, encoded) == "A red circle.<|im_end|>Red.<|im_end|>"
+    assert encoded.id == "s1" and encoded.image is IMAGE
     assert len(encoded.input_ids) == len(encoded.labels)
     # the prompt text (system, user turns, role headers) is never learned
     prompt_ids = [i for i, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX and i >= 0]
@@ -36,7 +38,7 @@ def test_image_placeholder_expands_to_image_tokens_without_labels(tokenizer):
     assert len(positions) == 7
     assert positions == list(range(positions[0], positions[0] + 7)), "image tokens must be contiguous"
     assert all(encoded.labels[k] == IGNORE_INDEX for k in positions)
-    assert "<image>" not in tokenizer.decode([i for i in encoded.input_ids if i >= 0])
+    assert "image" not in tokenizer.decode([i for i in encoded.input_ids if i >= 0]), "no piece of the placeholder"
 
 
 def test_training_prompt_matches_the_inference_prompt(tokenizer):
@@ -50,6 +52,7 @@ def test_training_prompt_matches_the_inference_prompt(tokenizer):
 def test_end_marker_can_be_left_out_of_the_loss(tokenizer):
     conv = parse_llava_record(record("Hi", "I'm sorry, but I cannot assist with your request."), None)
     conv = conv.with_turns(conv.turns, is_rejection=True, learn_end_marker=False)
+    assert conv.is_rejection
     encoded = ChatEncoder(tokenizer, 3, -200).encode(conv)
     assert learned_text(tokenizer, encoded) == "I'm sorry, but I cannot assist with your request."
 
@@ -259,11 +262,11 @@ def test_llava_hf_template_reads_content_parts_and_gets_the_bos_it_does_not_writ
     tokenizer = sentencepiece_llama_tokenizer(legacy=False)
     tokenizer.chat_template = LLAVA_HF_CHAT_TEMPLATE
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    conv = parse_llava_record(record("<image>\nWhat is it?", "A red circle.", "And you?", "Red!"), IMAGE)
+    conv = parse_llava_record(record("What is it?\n<image>", "A red circle.", "And you?", "Red!"), IMAGE)
     encoded = ChatEncoder(tokenizer, num_image_tokens=3, image_token_id=image_id).encode(conv)
 
-    # the text ends with the last reply: what the template writes after it is not part of the sample
-    text = "USER: <image>\nWhat is it? ASSISTANT: A red circle. USER: And you? ASSISTANT: Red!"
+    # <image> stays where the text has it; the text ends with the last reply (what follows is not in the sample)
+    text = "USER: What is it?\n<image> ASSISTANT: A red circle. USER: And you? ASSISTANT: Red!"
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert whole.count(image_id) == 1
     assert encoded.input_ids == [tokenizer.bos_token_id, *(i for t in whole for i in [t] * (3 if t == image_id else 1))]
@@ -278,18 +281,46 @@ def test_image_parts_let_the_template_place_the_image():
     tokenizer.chat_template = LLAVA_HF_CHAT_TEMPLATE
     encoder = ChatEncoder(tokenizer, 3, tokenizer.convert_tokens_to_ids("<image>"), image_parts=True)
     assert encoder.prompt_text("What is it?\n<image>", has_image=True) == "USER: <image>\nWhat is it? ASSISTANT:"
-    conv = parse_llava_record(record("Left <image> right", "Both."), IMAGE)
-    assert encoder.turn_texts(conv)[0][1] == "USER: <image>\nLeft right ASSISTANT: Both. "
+    conv = parse_llava_record(record("Left <image> right ", "Both."), IMAGE)  # only the image's side is trimmed
+    assert encoder.turn_texts(conv)[0][1] == "USER: <image>\nLeft right  ASSISTANT: Both. "
 
 
-def test_a_template_that_does_not_render_turn_by_turn_is_a_named_skip(tokenizer):
-    """Label masks need each turn's prompt to extend the text before it; a template that renders only the last
-    message cannot be laid out, and the sample is skipped with a reason instead of learning the wrong tokens."""
-    last_only = copy.deepcopy(tokenizer)
-    last_only.chat_template = (
-        "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n{% if add_generation_prompt %}assistant:{% endif %}"
-    )
-    conv = parse_llava_record(record("Hi", "Hello.", "Bye", "Bye."), None)
+GENERATION = "{% if add_generation_prompt %}assistant:{% endif %}"
+TURN = "{% for m in messages %}{{ m['role'] }}: CONTENT\n{% endfor %}" + GENERATION
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n" + GENERATION,
+        TURN.replace("CONTENT", "{% if m['role'] == 'user' or loop.last %}{{ m['content'] }}{% endif %}"),
+        TURN.replace("CONTENT", "{{ m['content'] | upper if m['role'] == 'assistant' else m['content'] }}"),
+    ],
+    ids=["last message only", "earlier replies dropped", "replies rewritten"],
+)
+def test_a_template_that_does_not_render_turn_by_turn_is_a_named_skip(tokenizer, template):
+    """Label masks need each turn's prompt to extend the text before it and the reply to appear as written; a
+    template that breaks either cannot be laid out, and the sample is skipped with a reason instead of learning the
+    wrong tokens."""
+    irregular = copy.deepcopy(tokenizer)
+    irregular.chat_template = template
+    conv = parse_llava_record(record("Hi", "Hello there, my friend.", "Bye", "Bye."), None)
     with pytest.raises(SampleError, match="sample 's1': the chat template does not render") as error:
-        ChatEncoder(last_only, 3, -200).encode(conv)
+        ChatEncoder(irregular, 3, -200).encode(conv)
     assert error.value.reason == "template"
+
+
+def test_a_template_that_refuses_plain_string_content_gets_content_parts(tokenizer):
+    parts_only = copy.deepcopy(tokenizer)
+    parts_only.chat_template = (
+        "{% for m in messages %}{% if m['content'] is string %}{{ raise_exception('typed parts only') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'][0]['text'] }}\n{% endfor %}" + GENERATION
+    )
+    encoded = ChatEncoder(parts_only, 3, -200).encode(parse_llava_record(record("Hi", "Hello."), None))
+    assert learned_text(tokenizer, encoded) == " Hello."  # the reply's first token carries the space before it
+
+
+def test_label_masks_need_a_fast_tokenizer():
+    """Masks come from the tokens' character offsets, which only a fast (tokenizers) tokenizer gives."""
+    with pytest.raises(ValueError, match="SimpleNamespace is not a fast .* character offsets"):
+        ChatEncoder(types.SimpleNamespace(), 3, -200)
