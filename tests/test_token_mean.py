@@ -97,11 +97,24 @@ def _rank(rank: int, init_file: str, cuts: list[list[slice]], accumulate_grad_ba
 def test_ranks_with_different_token_counts_learn_the_mean_over_every_rank_s_tokens(tmp_path):
     # rank 0: micro-batches of 1 and 3 tokens; rank 1: 6 and 2 (two micro-batches each, 12 tokens in all)
     cuts = [micro_batches((1, 3)), micro_batches((6, 2), start=4)]
-    out = str(tmp_path / "rank")
-    mp.start_processes(_rank, (str(tmp_path / "init"), cuts, 2, out), nprocs=2, start_method="spawn")
+    args = (str(tmp_path / "init"), cuts, 2, str(tmp_path / "rank"))
+    other = mp.get_context("spawn").Process(target=_rank, args=(1, *args))
+    other.start()
+    _rank(0, *args)  # rank 0 in this process
+    other.join(timeout=120)
+    assert other.exitcode == 0
     expected_loss, expected_grad = reference()
     for rank in range(2):
-        result = torch.load(f"{out}.{rank}")
+        result = torch.load(f"{tmp_path / 'rank'}.{rank}")
         torch.testing.assert_close(result["grad"], expected_grad)
         torch.testing.assert_close(result["loss"], expected_loss)
         assert result["tokens"].item() == 12
+
+
+def test_a_window_past_float32_s_exact_integers_keeps_its_mean():
+    """2**24 tokens (a large data-parallel step) is where float32 stops counting one by one: the sums are float64."""
+    token_mean = ReplyTokenMean()
+    token_mean.add(torch.tensor(1.0), torch.tensor(2**24))
+    token_mean.add(torch.tensor(3.0), torch.tensor(1))
+    loss, _ = token_mean.finish([], 1)
+    assert loss.item() == torch.tensor((2**24 + 3) / (2**24 + 1)).float().item()
