@@ -80,6 +80,77 @@ EQUIVALENT: dict[str, str] = {
 }
 """Survivors no test can kill, keyed as printed, with the reason in one line."""
 
+
+def _equivalent(where: str, reason: str, *changes: tuple[str, str]) -> None:
+    """Argue the mutants of ``where`` (``<module>: <function>``) that turn a line ``before`` into ``after``."""
+    for before, after in changes:
+        EQUIVALENT[f"{where}: {before} -> {after}"] = reason
+
+
+_equivalent(
+    "token_mean: ReplyTokenMean.__init__",
+    "the first add sums the zero with a float64 tensor, which makes the accumulator float64 (type promotion)",
+    *[
+        (f"self.{name} = torch.zeros((), dtype=torch.float64)", f"self.{name} = torch.zeros((), {dtype})")
+        for name in ("loss_sum", "tokens")
+        for dtype in ("", "dtype=None")
+    ],
+)
+_equivalent(
+    "token_mean: ReplyTokenMean.add",
+    "a 0-dim CPU tensor adds to a tensor on any device and the sum lands there: the accumulator starts on the CPU "
+    "and follows the loss from its first add",
+    *[
+        (f"self.{name} = self.{name}.to(loss.device) + {new}", f"self.{name} = self.{name}.to(None) + {new}")
+        for name, new in (("loss_sum", "loss_sum.detach().double()"), ("tokens", "num_tokens.detach().double()"))
+    ],
+)
+_GUARD_WORD = 'word = lines[0].split()[0].lower().rstrip(".,:;") if lines else ""'
+_equivalent(
+    "judge: parse_guard_verdict",
+    "the word is lower-cased before the strip, so no X is left to strip; and '' and 'XXXX' are both no verdict",
+    (_GUARD_WORD, _GUARD_WORD.replace('".,:;"', '"XX.,:;XX"')),
+    (_GUARD_WORD, _GUARD_WORD.replace('else ""', 'else "XXXX"')),
+)
+_TOKENIZER = 'self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)'
+_MODEL = "self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)"
+_equivalent(
+    "judge: ClassifierJudge.__init__",
+    "transformers runs a folder's own code only when trust_remote_code is true; None and the default are not "
+    "(test_classifier_folder_code_is_never_run fails under True)",
+    *[(line, line.replace("trust_remote_code=False", new)) for line in (_TOKENIZER, _MODEL) for new in ("", "None")],
+)
+_DTYPE = 'dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)'
+_equivalent(
+    "judge: ClassifierJudge.__init__",
+    "from_pretrained takes a dtype's name ('float16') as well as the torch dtype",
+    (_DTYPE, _DTYPE.replace('if settings.dtype == "auto"', 'if (settings.dtype == "auto") or True')),
+)
+_equivalent(
+    "judge: ClassifierJudge.format",
+    "None is falsy: apply_chat_template returns the text, as with False",
+    (
+        "return self.tokenizer.apply_chat_template(conversation, tokenize=False)",
+        "return self.tokenizer.apply_chat_template(conversation, tokenize=None)",
+    ),
+)
+
+EQUIVALENT_FUNCTIONS: dict[str, str] = {
+    "conversation: TemplateShape.probe": "the shape only replaces rendering when one full rendering of the "
+    "conversation agrees with it (turn_texts); a wrong or missing shape falls back to turn-by-turn rendering: "
+    "the same texts, slower",
+}
+"""Functions every surviving mutant of which is equivalent, with the reason."""
+
+STRICT_ZIPS: dict[str, str] = {
+    "conversation: ChatEncoder._tokens": "ids and offsets come from one tokenizer call; the pieces and their starts "
+    "from one split",
+    "conversation: ChatEncoder.encode": "ids and offsets come from _tokens, which appends to both together",
+    "conversation: ChatEncoder.spans": "turn_texts gives one pair per turn",
+}
+"""Functions whose ``zip(..., strict=True)`` zips sequences equal in length by construction: ``strict`` only guards
+against a future bug, so dropping it changes nothing today."""
+
 PADDED_MESSAGE = (
     "a message padded with XX still says what it said: tests match messages by their words (pytest.raises(match=))"
 )
@@ -87,11 +158,18 @@ _MESSAGE_LINE = re.compile(r'(raise |Error\(|log\.\w+\(|^f?")')
 
 
 def argument(module: str, key: str) -> str | None:
-    """Why a survivor is equivalent, or None: its entry in ``EQUIVALENT``, or an error or log message padded with XX
-    (mutmut's ``"text"`` -> ``"XXtextXX"``), which no test that reads the message's words can tell apart."""
+    """Why a survivor is equivalent, or None: its entry in ``EQUIVALENT`` or ``EQUIVALENT_FUNCTIONS``, a dropped
+    ``strict=True`` of ``STRICT_ZIPS``, or an error or log message padded with XX (mutmut's ``"text"`` ->
+    ``"XXtextXX"``), which no test that reads the message's words can tell apart."""
+    function, _, change = key.partition(": ")
     if f"{module}: {key}" in EQUIVALENT:
         return EQUIVALENT[f"{module}: {key}"]
-    before, _, after = key.partition(": ")[2].partition(" -> ")
+    if f"{module}: {function}" in EQUIVALENT_FUNCTIONS:
+        return EQUIVALENT_FUNCTIONS[f"{module}: {function}"]
+    before, _, after = change.partition(" -> ")
+    unstrict = {before.replace("strict=True", text) for text in ("strict=False", "strict=None", "")}
+    if f"{module}: {function}" in STRICT_ZIPS and "strict=True" in before and after in unstrict:
+        return f"equal lengths by construction: {STRICT_ZIPS[f'{module}: {function}']}"
     texts = re.findall(r'"([^"]*)"', before)  # the message is the line's last string (not a reason code before it)
     head, _, tail = before.rpartition(f'"{texts[-1]}"') if texts else ("", "", "")
     padded = texts and " " in texts[-1] and after == f'{head}"XX{texts[-1]}XX"{tail}'  # words, not a code
@@ -121,6 +199,7 @@ def prepare(work: Path, target: Target) -> None:
     settings = {
         "source_paths": ["mllm_safety"],
         "only_mutate": [target.source],
+        "also_copy": ["configs"],  # besides the package and tests/: the fit tests read configs/tiny.yaml
         "pytest_add_cli_args_test_selection": list(target.tests),
         "pytest_add_cli_args": ["-p", "no:cacheprovider"],
         "use_git_change_detection": False,
