@@ -135,6 +135,78 @@ _equivalent(
     ),
 )
 
+_FALSY = "None is falsy: the call does what it does with False"
+_ADDS_BOS = 'adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]'
+_equivalent(
+    "conversation: _missing_bos",
+    "any text shows whether the tokenizer puts a BOS first",
+    *[(_ADDS_BOS, _ADDS_BOS.replace('("x")', f'("{x}")')) for x in ("XXxXX", "X")],
+)
+_PROBE = 'probe = "probe-7f3a"'
+_equivalent(
+    "conversation: _template_reads_content_parts",
+    "any text no template writes serves as the probe",
+    *[(_PROBE, _PROBE.replace("probe-7f3a", x)) for x in ("XXprobe-7f3aXX", "PROBE-7F3A")],
+)
+_READS = 'rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)'
+_equivalent("conversation: _template_reads_content_parts", _FALSY, (_READS, _READS.replace("=False", "=None")))
+_equivalent(
+    "conversation: truncate",
+    "a sample of exactly max_length tokens is cut to itself, and keep never exceeds the sample's length",
+    ("if len(input_ids) > max_length:", "if len(input_ids) >= max_length:"),
+)
+_equivalent(
+    "conversation: truncate",
+    "an image ending exactly at max_length leaves no reply token: the sample is skipped as too_long either way",
+    ("if keep > max_length:", "if keep >= max_length:"),
+)
+_BOS = 'self.bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))'
+_equivalent(
+    "conversation: ChatEncoder.__init__",
+    "only whether the rendering starts with the BOS text is read: the message and the generation prompt come later",
+    *[(_BOS, _BOS.replace(", True))", f", {x}))")) for x in ("None", "False")],
+    *[(_BOS, _BOS.replace('"content": "x"', f'"content": "{x}"')) for x in ("XXxXX", "X")],
+)
+_equivalent(
+    "conversation: ChatEncoder.__init__",
+    "both callers (mllm_safety/train/module.py) pass max_length",
+    ("max_length: int = 2048,", "max_length: int = 2049,"),
+)
+_FAST = 'if not image_parts and not getattr(tokenizer, "is_fast", False):  # hub VLMs tokenize span by span'
+_equivalent("conversation: ChatEncoder.__init__", _FALSY, (_FAST, _FAST.replace("False)", "None)")))
+_RENDER = (
+    "return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)"
+)
+_equivalent("conversation: ChatEncoder._render", _FALSY, (_RENDER, _RENDER.replace("=False", "=None")))
+_MARK = "mark = bytearray(len(text) + 1)  # 1 on each learned character (one pass, however many spans)"
+_BEFORE = "before = [0, *itertools.accumulate(mark)]  # learned characters before each position"
+_KEEP = "keep = input_ids.index(self.image_token_id) + self.num_image_tokens if self.image_token_id in input_ids else 0"
+_equivalent(
+    "conversation: ChatEncoder.encode",
+    "one more zero at the end, past every position a token's offsets can name",
+    (_MARK, _MARK.replace("+ 1)", "+ 2)")),
+)
+_equivalent(
+    "conversation: ChatEncoder.encode",
+    "before[0] is only read for a token starting at character 0, which is the template's opening, never reply text",
+    (_BEFORE, _BEFORE.replace("[0,", "[1,")),
+)
+_equivalent(
+    "conversation: ChatEncoder.encode",
+    "without an image, keep only refuses max_length < keep, and max_length is at least 1",
+    (_KEEP, _KEEP.replace("else 0", "else 1")),
+)
+_CHECK = "if texts[-1][1] == self._render(messages, add_generation_prompt=False):"
+_equivalent("conversation: ChatEncoder.turn_texts", _FALSY, (_CHECK, _CHECK.replace("=False", "=None")))
+_equivalent(
+    "conversation: ChatEncoder.turn_texts",
+    "with a generation prompt the laid-out text never matches, so every conversation is rendered turn by turn: "
+    "the same texts, slower",
+    (_CHECK, _CHECK.replace("=False", "=True")),
+)
+_SLOW = "(self._render(messages[: 2 * k + 1], True), self._render(messages[: 2 * k + 2], False))"
+_equivalent("conversation: ChatEncoder.turn_texts", _FALSY, (_SLOW, _SLOW.replace("False))", "None))")))
+
 EQUIVALENT_FUNCTIONS: dict[str, str] = {
     "conversation: TemplateShape.probe": "the shape only replaces rendering when one full rendering of the "
     "conversation agrees with it (turn_texts); a wrong or missing shape falls back to turn-by-turn rendering: "
@@ -151,16 +223,14 @@ STRICT_ZIPS: dict[str, str] = {
 """Functions whose ``zip(..., strict=True)`` zips sequences equal in length by construction: ``strict`` only guards
 against a future bug, so dropping it changes nothing today."""
 
-PADDED_MESSAGE = (
-    "a message padded with XX still says what it said: tests match messages by their words (pytest.raises(match=))"
-)
+PADDED_MESSAGE = "a message padded with XX or in capitals still says what it said: tests match messages by their words"
 _MESSAGE_LINE = re.compile(r'(raise |Error\(|log\.\w+\(|^f?")')
 
 
 def argument(module: str, key: str) -> str | None:
     """Why a survivor is equivalent, or None: its entry in ``EQUIVALENT`` or ``EQUIVALENT_FUNCTIONS``, a dropped
-    ``strict=True`` of ``STRICT_ZIPS``, or an error or log message padded with XX (mutmut's ``"text"`` ->
-    ``"XXtextXX"``), which no test that reads the message's words can tell apart."""
+    ``strict=True`` of ``STRICT_ZIPS``, or an error or log message padded with XX or in capitals (mutmut's ``"text"``
+    -> ``"XXtextXX"`` or ``"TEXT"``), which no test that reads the message's words can tell apart."""
     function, _, change = key.partition(": ")
     if f"{module}: {key}" in EQUIVALENT:
         return EQUIVALENT[f"{module}: {key}"]
@@ -172,7 +242,8 @@ def argument(module: str, key: str) -> str | None:
         return f"equal lengths by construction: {STRICT_ZIPS[f'{module}: {function}']}"
     texts = re.findall(r'"([^"]*)"', before)  # the message is the line's last string (not a reason code before it)
     head, _, tail = before.rpartition(f'"{texts[-1]}"') if texts else ("", "", "")
-    padded = texts and " " in texts[-1] and after == f'{head}"XX{texts[-1]}XX"{tail}'  # words, not a code
+    variants = {f'{head}"XX{texts[-1]}XX"{tail}', f'{head}"{texts[-1].upper()}"{tail}'} if texts else set()
+    padded = texts and " " in texts[-1] and after in variants  # words, not a code
     return PADDED_MESSAGE if padded and _MESSAGE_LINE.search(before) else None
 
 
