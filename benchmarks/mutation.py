@@ -207,6 +207,25 @@ _equivalent(
 _SLOW = "(self._render(messages[: 2 * k + 1], True), self._render(messages[: 2 * k + 2], False))"
 _equivalent("conversation: ChatEncoder.turn_texts", _FALSY, (_SLOW, _SLOW.replace("False))", "None))")))
 
+_PARTIAL = 'sets, codes[judge.name], judge.measures, [s.name for s in sets] if getattr(judge, "partial", False) else ()'
+_equivalent(
+    "metrics: judge_and_reduce",
+    "partial figures are only made for refusal judges, and every refusal judge (KeywordJudge) has the attribute",
+    *[(_PARTIAL, _PARTIAL.replace('"partial", False', f'"partial", {x}')) for x in ("None", "True")],
+)
+_SENTINEL = "rows = [[-1.0] * (1 + len(judges))]  # a sentinel, so that no rank ever syncs an empty state"
+_equivalent(
+    "metrics: judge_and_reduce",
+    "any negative index marks the sentinel: rows with an index below 0 are dropped",
+    (_SENTINEL, _SENTINEL.replace("-1.0", "-2.0")),
+)
+_TABLE = "table.update(torch.tensor(rows, dtype=torch.float32, device=device))"
+_equivalent(
+    "metrics: judge_and_reduce",
+    "torch makes float32 tensors of Python floats by default",
+    *[(_TABLE, _TABLE.replace("dtype=torch.float32, ", x)) for x in ("dtype=None, ", "")],
+)
+
 EQUIVALENT_FUNCTIONS: dict[str, str] = {
     "conversation: TemplateShape.probe": "the shape only replaces rendering when one full rendering of the "
     "conversation agrees with it (turn_texts); a wrong or missing shape falls back to turn-by-turn rendering: "

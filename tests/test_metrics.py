@@ -214,3 +214,18 @@ def test_over_refusal_mean_and_sets_after_one_with_nothing_judged():
 )
 def test_category_keys_trim_underscores_only(category, key):
     assert category_key(category) == key
+
+
+def test_sets_after_a_utility_set_or_a_benign_set_under_a_classifier_get_their_figures():
+    harmful, benign = make_set("a_text", ["x", "x"]), make_set("b_safe", ["y"], harmful=False)
+    utility = EvalSet("qa", "qa", False, [EvalPrompt("0", "qa", None, "q", None, "q")], scorer=lambda p, r: {})
+    assert summarize([benign, harmful], [0, 1, 0], "harm")["asr/a_text"] == 0.5
+    assert summarize([utility, harmful], [NOT_JUDGED, 1, 0], "refusal")["asr/a_text"] == 0.5
+
+
+def test_ranks_returning_overlapping_slices_are_caught_even_when_the_count_is_right():
+    sets = [make_set("a_text", ["x", "y", "x"])]
+    prompts = all_prompts(sets)
+    generations = [Generation(i, prompts[i], "Sure.") for i in (0, 1, 1)]  # prompt 2 missing, prompt 1 twice
+    with pytest.raises(RuntimeError, match="the slices disagree"):
+        judge_and_reduce(sets, generations, [KeywordJudge("xstest")])
