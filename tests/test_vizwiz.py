@@ -121,6 +121,8 @@ def test_another_layout_or_a_missing_file_is_named(tmp_path):
         ("black,white", "blackwhite"),  # commas go before punctuation is looked at
         ("left?right", "leftright"),  # so do question marks
         ("red\nblue\tgreen", "red blue green"),
+        ("t-shirt-\nyes", "tshirt yes"),  # line breaks and tabs are spaces when punctuation is looked at
+        ("t-shirt-\tyes", "tshirt yes"),
         ("t-shirt- yes", "tshirt yes"),  # a mark followed by a space anywhere: that mark goes everywhere
         ("x -b-c", "x bc"),  # ... or preceded by one
         ("t-shirt", "t shirt"),  # otherwise it becomes a space
