@@ -279,13 +279,13 @@ def test_the_settings_check_passes_the_same_settings_in_any_order(tmp_path):
 
 def test_the_settings_check_names_every_difference_by_its_full_key(tmp_path):
     path = settings_checkpoint(tmp_path / "a.ckpt", SAVED)
-    now = {"data": {"rejection_ratio": 0.0, "rejection": {"seed": 0}, "mixture": {"med": 5}}, "model": {"lr": 1}}
+    now = {"data": {"rejection_ratio": 0.0, "rejection": {"seed": 0}, "mixture": {"med": 5}}, "model": {"lr": None}}
     with pytest.raises(ValueError, match="--allow_changed_settings true") as error:
         SameRunSettings(now).check_checkpoint(path)
     listed = (
         "data.mixture: checkpoint {}, now '<unset>'; data.mixture.med: checkpoint '<unset>', now 5; "
         "data.rejection_ratio: checkpoint 0.3, now 0.0; model.lora.r: checkpoint 4, now '<unset>'; "
-        "model.lr: checkpoint '<unset>', now 1"
+        "model.lr: checkpoint '<unset>', now None"
     )
     assert f"other settings ({listed})" in str(error.value)
 
@@ -307,3 +307,5 @@ def test_a_checkpoint_without_saved_settings_is_checked_when_lightning_restores_
     assert not now.checked
     with pytest.raises(ValueError, match="data.rejection_ratio: checkpoint 0.5, now 0.3"):
         now.load_state_dict({"settings": {**now.settings, "data.rejection_ratio": 0.5}})
+    with pytest.raises(ValueError, match="model.lora.r: checkpoint '<unset>', now 4"):
+        now.load_state_dict({})  # a state saved without settings
