@@ -226,6 +226,48 @@ _equivalent(
     *[(_TABLE, _TABLE.replace("dtype=torch.float32, ", x)) for x in ("dtype=None, ", "")],
 )
 
+_equivalent(
+    "resume: SameRunSettings.__init__",
+    "checked is only read by `if self.checked`, where None is False",
+    ("self.checked = False", "self.checked = None"),
+)
+
+_LOWER = 'text = answer.lower().replace(",", "").replace("?", "").replace("\'s", " \'s").strip()'
+_equivalent(
+    "vizwiz: normalize_answer",
+    "the words are lower-cased again before they are looked up and compared",
+    (_LOWER, _LOWER.replace(" 's", " 'S")),
+)
+_equivalent(
+    "vizwiz: score_vizwiz",
+    "precision and recall are not reported: when either is undefined the true positives are 0, so F1 is 0 anyway",
+    *[
+        (f"{name} = tp / sum({of}) if any({of}) else 0.0", f"{name} = tp / sum({of}) if any({of}) else 1.0")
+        for name, of in (("precision", "said"), ("recall", "truth"))
+    ],
+)
+_equivalent(
+    "mme: read_yes_no",
+    "the four-character check that follows reads exactly 'yes' and 'no' the same way",
+    *[
+        ('if text in ("yes", "no"):', f"if text in {pair}:".replace("'", '"'))
+        for pair in (("XXyesXX", "no"), ("YES", "no"), ("yes", "XXnoXX"), ("yes", "NO"))
+    ],
+)
+_equivalent(
+    "mme: score_mme",
+    "complete is only read by `if complete`, where None is False",
+    ("complete = False", "complete = None"),
+)
+_equivalent(
+    "pope: says_yes",
+    "a reply without a period, split on '.', is the reply itself",
+    (
+        'text = reply.split(".")[0] if "." in reply else reply',
+        'text = reply.split(".")[0] if ("." in reply) or True else reply',
+    ),
+)
+
 EQUIVALENT_FUNCTIONS: dict[str, str] = {
     "conversation: TemplateShape.probe": "the shape only replaces rendering when one full rendering of the "
     "conversation agrees with it (turn_texts); a wrong or missing shape falls back to turn-by-turn rendering: "
