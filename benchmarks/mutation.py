@@ -376,11 +376,11 @@ def results(work: Path, target: Target) -> dict:
     cwd = os.getcwd()
     os.chdir(work)  # mutmut reads the mutants from ./mutants
     try:
-        survivors = {
-            describe(name, get_diff_for_mutant(name, path=target.source)): status
+        survivors = [  # a list: two mutants of a function can make the same change on two identical lines
+            (describe(name, get_diff_for_mutant(name, path=target.source)), status)
             for name, status in sorted(statuses.items())
             if status not in (KILLED, TIMEOUT)
-        }
+        ]
     finally:
         os.chdir(cwd)
     counts = {status: sum(s == status for s in statuses.values()) for status in (KILLED, TIMEOUT)}
@@ -405,21 +405,21 @@ def main() -> None:
         seconds[module] = time.monotonic() - start
 
     header = f"{'module':<13} {'mutants':>7} {'killed':>6} {'survived':>8} {'timeouts':>8} {'score':>6} {'excl.eq':>7}"
-    print("\n" + header + "  time")
+    print("\n" + header + ("" if args.report else "  time"))
     for module, r in found.items():
         detected = r[KILLED] + r[TIMEOUT]
-        argued = sum(argument(module, key) is not None for key in r["survivors"])
+        argued = sum(argument(module, key) is not None for key, _ in r["survivors"])
         score = detected / r["mutants"] if r["mutants"] else 1.0
         rest = r["mutants"] - argued
         adjusted = detected / rest if rest else 1.0
         print(
             f"{module:<13} {r['mutants']:>7} {r[KILLED]:>6} {len(r['survivors']):>8} {r[TIMEOUT]:>8} "
-            f"{score:>6.1%} {adjusted:>7.1%}  {seconds[module]:.0f} s"
+            f"{score:>6.1%} {adjusted:>7.1%}" + ("" if args.report else f"  {seconds[module]:.0f} s")
         )
     for module, r in found.items():
         if r["survivors"]:
             print(f"\n{module} survivors:")
-        for key, status in r["survivors"].items():
+        for key, status in r["survivors"]:
             reason = argument(module, key) or "NOT ARGUED"
             print(f"  [{status}] {key}\n      {reason}")
 
