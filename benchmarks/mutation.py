@@ -5,13 +5,16 @@ benchmark runs mutmut (3.x) on the modules whose behaviour is pure logic (the re
 label masks, keyword judges, safety figures, the utility scorers, the reply-token mean, the resume settings check):
 each mutant (one small change, e.g. ``<`` for ``<=``) is run against the module's own test files only, and should
 make one of them fail ("killed"). A survivor is either a missing test or an equivalent mutant (one that no input
-can tell apart); equivalent survivors are argued, one line each, in ``EQUIVALENT`` below.
+can tell apart); equivalent survivors are argued, one line each, in ``EQUIVALENT`` below (and by three rules:
+whole functions, ``strict=`` of zips equal by construction, error messages padded with XX).
 
 Each module is mutated in its own copy of the tree (``.mutation/<module>``, git-ignored); mutmut forks one process
 per mutant from a process that has already imported torch and the tests, so a run costs seconds per mutant, not
 an interpreter start. Not part of CI. Needs the ``mutation`` extra (``pip install -e '.[mutation]'``)::
 
-    python benchmarks/mutation.py [--modules rejection judge ...] [--jobs 2]
+    python benchmarks/mutation.py [--modules rejection judge ...] [--jobs 2] [--report]
+
+A full run takes about half an hour on 2 cores (``--report`` reprints the last run's results without running).
 
 It prints, per module: mutants, killed, survived (uncovered ones included), timeouts (counted as killed: a mutant
 that hangs fails the suite), the score (killed + timeouts over all mutants) and the score once the argued
@@ -68,17 +71,8 @@ TARGETS: dict[str, Target] = {
     "resume": Target("mllm_safety/train/resume.py", ("tests/test_resume.py",), ("flatten", "SameRunSettings.*")),
 }
 
-EQUIVALENT: dict[str, str] = {
-    "rejection: RejectionSwap.is_swapped: return swap_score(self.config.seed, sample_id) < self.ratio -> "
-    "return swap_score(self.config.seed, sample_id) <= self.ratio": "scores are hashes in steps of 2**-64: one equal "
-    "to the ratio (0.0 for ratio 0) happens with probability about 2**-64 per sample",
-    "selection: select_samples: chosen.update(ranked if count is None else ranked[:count]) -> "
-    "chosen.update(ranked if (count is None) and False else ranked[:count])": "ranked[:None] is all of ranked",
-    'selection: stable_uniform: return int.from_bytes(digest, "big") / 2**64 -> '
-    "return int.from_bytes(digest, ) / 2**64": "int.from_bytes reads big-endian by default since Python 3.11 (on "
-    "3.10 the call fails, and so does every test)",
-}
-"""Survivors no test can kill, keyed as printed, with the reason in one line."""
+EQUIVALENT: dict[str, str] = {}
+"""Survivors no test can kill, keyed as printed, with the reason in one line (filled by ``_equivalent`` below)."""
 
 
 def _equivalent(where: str, reason: str, *changes: tuple[str, str]) -> None:
@@ -87,6 +81,27 @@ def _equivalent(where: str, reason: str, *changes: tuple[str, str]) -> None:
         EQUIVALENT[f"{where}: {before} -> {after}"] = reason
 
 
+_equivalent(
+    "rejection: RejectionSwap.is_swapped",
+    "scores are hashes in steps of 2**-64: one equal to the ratio (0.0 for ratio 0) has a chance of about 2**-64",
+    (
+        "return swap_score(self.config.seed, sample_id) < self.ratio",
+        "return swap_score(self.config.seed, sample_id) <= self.ratio",
+    ),
+)
+_equivalent(
+    "selection: select_samples",
+    "ranked[:None] is all of ranked",
+    (
+        "chosen.update(ranked if count is None else ranked[:count])",
+        "chosen.update(ranked if (count is None) and False else ranked[:count])",
+    ),
+)
+_equivalent(
+    "selection: stable_uniform",
+    "int.from_bytes reads big-endian by default since Python 3.11 (on 3.10 the call fails, and so does every test)",
+    ('return int.from_bytes(digest, "big") / 2**64', "return int.from_bytes(digest, ) / 2**64"),
+)
 _equivalent(
     "token_mean: ReplyTokenMean.__init__",
     "the first add sums the zero with a float64 tensor, which makes the accumulator float64 (type promotion)",
