@@ -265,14 +265,16 @@ def settings_checkpoint(path: Path, settings: dict) -> Path:
     return path
 
 
-SAVED = {"data": {"rejection_ratio": 0.3, "rejection": {"seed": 0}, "mixture": {}}, "model": {"lora": {"r": 4}}}
+SAVED = {
+    "data": {"rejection_ratio": 0.3, "rejection": {"seed": 0, "sources": None}, "mixture": {}},
+    "model": {"lora": {"r": 4}},
+}
 
 
 def test_the_settings_check_passes_the_same_settings_in_any_order(tmp_path):
     path = settings_checkpoint(tmp_path / "a.ckpt", SAVED)
-    same = SameRunSettings(
-        {"model": {"lora": {"r": 4}}, "data": {"mixture": {}, "rejection": {"seed": 0}} | {"rejection_ratio": 0.3}}
-    )
+    data = {"mixture": {}, "rejection": {"sources": None, "seed": 0}, "rejection_ratio": 0.3}
+    same = SameRunSettings({"model": {"lora": {"r": 4}}, "data": data})
     same.check_checkpoint(path)
     assert same.checked
 
@@ -284,8 +286,8 @@ def test_the_settings_check_names_every_difference_by_its_full_key(tmp_path):
         SameRunSettings(now).check_checkpoint(path)
     listed = (
         "data.mixture: checkpoint {}, now '<unset>'; data.mixture.med: checkpoint '<unset>', now 5; "
-        "data.rejection_ratio: checkpoint 0.3, now 0.0; model.lora.r: checkpoint 4, now '<unset>'; "
-        "model.lr: checkpoint '<unset>', now None"
+        "data.rejection.sources: checkpoint None, now '<unset>'; data.rejection_ratio: checkpoint 0.3, now 0.0; "
+        "model.lora.r: checkpoint 4, now '<unset>'; model.lr: checkpoint '<unset>', now None"
     )
     assert f"other settings ({listed})" in str(error.value)
 
