@@ -324,3 +324,15 @@ def test_label_masks_need_a_fast_tokenizer():
     """Masks come from the tokens' character offsets, which only a fast (tokenizers) tokenizer gives."""
     with pytest.raises(ValueError, match="SimpleNamespace is not a fast .* character offsets"):
         ChatEncoder(types.SimpleNamespace(), 3, -200)
+
+
+def test_a_template_that_checks_roles_is_read_with_the_roles_it_knows(tokenizer):
+    """Templates such as Llama 2's raise on a role they do not know; the encoder's probes use the real roles."""
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('unknown role') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoded = ChatEncoder(strict, 3, -200).encode(parse_llava_record(record("Hi", "Hello."), None))
+    assert learned_text(tokenizer, encoded) == "Hello.<|im_end|>"
