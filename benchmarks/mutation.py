@@ -133,7 +133,11 @@ _equivalent(
     "judge: ClassifierJudge.__init__",
     "transformers runs a folder's own code only when trust_remote_code is true; None and the default are not "
     "(test_classifier_folder_code_is_never_run fails under True)",
-    *[(line, line.replace("trust_remote_code=False", new)) for line in (_TOKENIZER, _MODEL) for new in ("", "None")],
+    *[
+        (line, line.replace("trust_remote_code=False", new))
+        for line in (_TOKENIZER, _MODEL)
+        for new in ("", "trust_remote_code=None")
+    ],
 )
 _DTYPE = 'dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)'
 _equivalent(
@@ -281,6 +285,17 @@ _equivalent(
         'text = reply.split(".")[0] if "." in reply else reply',
         'text = reply.split(".")[0] if ("." in reply) or True else reply',
     ),
+)
+
+_COMPARE = 'if saved.get(key, "<unset>") != self.settings.get(key, "<unset>")'
+_equivalent(
+    "resume: SameRunSettings.load_state_dict",
+    "any marker no setting holds works: a key missing on one side still differs from the other side's value",
+    *[
+        (_COMPARE, _COMPARE.replace(f'{side}.get(key, "<unset>")', f'{side}.get(key, "{marker}")'))
+        for side in ("saved", "self.settings")
+        for marker in ("XX<unset>XX", "<UNSET>")
+    ],
 )
 
 EQUIVALENT_FUNCTIONS: dict[str, str] = {
