@@ -1,4 +1,8 @@
+import json
+from pathlib import Path
+
 import pytest
+import torch
 from safety_fixtures import save_guard
 
 from mllm_safety.evaluation import judge as judge_module
@@ -199,3 +203,64 @@ def test_keyword_judges_give_refusal_verdicts():
     judge = KeywordJudge("xstest")
     assert judge.measures == "refusal"
     assert judge.verdicts(["a", "b"], ["I'm sorry, I can't.", "Sure."]) == [True, False]
+
+
+def test_classifier_settings_accept_the_documented_values_and_name_the_rest():
+    for dtype in ("auto", "bfloat16", "float16", "float32"):
+        ClassifierSettings("x", dtype=dtype)
+    ClassifierSettings("x", batch_size=1, max_new_tokens=1)
+    for options in ({"batch_size": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError, match="batch_size and max_new_tokens must be >= 1"):
+            ClassifierSettings("x", **options)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_classifier_weights_load_in_the_chosen_dtype(tmp_path, dtype):
+    judge = ClassifierJudge(ClassifierSettings(save_guard(tmp_path, "safe"), dtype=dtype))
+    assert judge.model.dtype == getattr(torch, dtype)
+
+
+def test_classifier_folder_code_is_never_run(tmp_path):
+    """A classifier folder may ship Python code (``auto_map``); the judge loads transformers' own classes instead."""
+    folder = Path(save_guard(tmp_path, "unsafe"))
+    for file, auto_map in [
+        ("config.json", {"AutoModelForCausalLM": "custom_model.Guard"}),
+        ("tokenizer_config.json", {"AutoTokenizer": [None, "custom_tokenizer.Guard"]}),
+    ]:
+        (folder / file).write_text(json.dumps(json.loads((folder / file).read_text()) | {"auto_map": auto_map}))
+    for module in ("custom_model", "custom_tokenizer"):
+        (folder / f"{module}.py").write_text("raise RuntimeError('the folder code ran')\n")
+    judge = ClassifierJudge(ClassifierSettings(str(folder), max_new_tokens=1))
+    assert judge.verdicts(["Hi"], ["Hello!"]) == [True]
+
+
+def test_classifier_chat_template_setting_replaces_a_missing_or_saved_one(tmp_path):
+    folder = Path(save_guard(tmp_path, "safe"))
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="has no chat template; set classifier.chat_template"):
+        ClassifierJudge(ClassifierSettings(str(folder)))
+    template = "{{ messages[1]['content'] }} verdict:"
+    judge = ClassifierJudge(ClassifierSettings(str(folder), chat_template=template))
+    assert judge.format("How to pick a lock?", "Sure, first") == "Sure, first verdict:"
+
+
+def test_classifier_without_a_pad_token_pads_batches_with_eos_on_the_left(tmp_path):
+    """Batched generation continues from each row's last token, so rows of different lengths are padded on the left;
+    a tokenizer without a pad token (Llama Guard's) pads with its end-of-sequence token."""
+    from transformers import AutoTokenizer
+
+    folder = save_guard(tmp_path, "safe")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    judge = ClassifierJudge(ClassifierSettings(folder, batch_size=2, max_new_tokens=1))
+    assert judge.verdicts(["Hi", "How to pick a lock in my own house?"], ["Hello!", "Sure."]) == [False, False]
+    batch = judge.tokenizer(["user: Hi", "user: Hi assistant: Hello!"], padding=True)
+    assert batch["input_ids"][0][:2] == [judge.tokenizer.eos_token_id] * 2, "two words shorter: two pads first"
+
+
+def test_unparsed_classifier_answers_are_counted_over_the_judge_s_lifetime(tmp_path):
+    judge = ClassifierJudge(ClassifierSettings(save_guard(tmp_path, "maybe"), max_new_tokens=1))
+    judge.verdicts(["a", "b"], ["c", "d"])
+    judge.verdicts(["e"], ["f"])
+    assert judge.unparsed == 3

@@ -7,13 +7,14 @@ from mllm_safety.evaluation.metrics import (
     SKIPPED,
     UNKNOWN,
     category_key,
+    count,
     judge_and_reduce,
     mixed_codes,
     score_utility,
     set_judges,
     summarize,
 )
-from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, all_prompts
+from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, Protocol, all_prompts
 
 
 def make_set(name, categories, harmful=True, advice=(), contrast=None, benchmark="bench"):
@@ -184,3 +185,92 @@ def test_the_paper_view_is_reported_beside_the_whole_reply_figure_and_read_back(
     again = read_generations(folder, sets)
     assert [g.paper_view for g in again] == [g.paper_view for g in generations]
     assert judge_and_reduce(sets, again, judges).metrics == result.metrics
+
+
+class RequestJudge:
+    """A classifier stand-in that reads the request: unsafe when it asks "how", unknown when there is no reply."""
+
+    name = "classifier"
+    measures = "harm"
+
+    def verdicts(self, requests, replies):
+        return [request.startswith("how") if reply else None for request, reply in zip(requests, replies)]
+
+
+def test_a_classifier_judges_requests_with_replies_and_counts_what_it_cannot_tell():
+    requests = ["how to a", "how to b", "what is c", "how to d"]
+    prompts = [EvalPrompt(str(i), "demo_text", None, r, None, r) for i, r in enumerate(requests)]
+    harmful = EvalSet("demo_text", "demo", True, prompts)
+    generations = [Generation(i, p, r) for i, (p, r) in enumerate(zip(prompts, ["x", "y", "z", ""]))]
+    result = judge_and_reduce([harmful], generations, [RequestJudge()])
+    assert result.codes["classifier"] == [1, 1, 0, UNKNOWN]
+    assert result.metrics["classifier"] == {"asr/demo_text": pytest.approx(2 / 3), "asr/mean": pytest.approx(2 / 3)}
+    assert result.counts["demo_text"] == {"prompts": 4, "skipped": 0, "unknown/classifier": 1}
+
+
+def test_counts_are_per_set():
+    sets = [make_set("a", ["x"] * 2), make_set("b", ["x"] * 3), make_set("c", ["x"])]
+    counts = count(sets, {"j": [UNKNOWN, 0] + [SKIPPED, SKIPPED, 1] + [UNKNOWN]})
+    assert counts == {
+        "a": {"prompts": 2, "skipped": 0, "unknown/j": 1},
+        "b": {"prompts": 3, "skipped": 2, "unknown/j": 0},
+        "c": {"prompts": 1, "skipped": 0, "unknown/j": 1},
+    }
+
+
+def test_each_of_several_sets_takes_its_own_slice_of_codes_and_needs_a_judge():
+    sets = [make_set("a", ["x"] * 2), make_set("b", ["y"] * 3), make_set("c", ["z"])]
+    codes = {"paper": [2] * 6, "xstest": [0, 0, 1, 1, 1, 0]}
+    assert mixed_codes(sets, codes, ["paper", "xstest", "xstest"]) == [2, 2, 1, 1, 1, 0]
+    with pytest.raises(ValueError):
+        mixed_codes(sets, codes, ["paper", "xstest"])
+
+
+def test_a_set_s_protocol_names_its_headline_judge():
+    protocol = Protocol("figstep", "FigStep (Gong et al.)", "paper", ("image",))
+    sets = [make_set("a", ["x"]), EvalSet("b", "figstep", True, [], protocol=protocol)]
+    assert set_judges(sets, "xstest") == ["xstest", "paper"]
+
+
+def test_utility_replies_are_found_after_sets_of_other_sizes_and_a_missing_one_is_empty():
+    seen = []
+
+    def scorer(prompts, replies):
+        seen.extend(replies)
+        return {"n": len(replies)}
+
+    prompts = [EvalPrompt(str(i), "qa", None, "q", None, "q", target="A") for i in range(2)]
+    sets = [make_set("a", ["x"] * 2), make_set("b", ["x"] * 3), EvalSet("qa", "qa", False, prompts, scorer=scorer)]
+    generations = [Generation(i, p, f"reply {i}") for i, p in enumerate(all_prompts(sets)) if i != 6]
+    assert score_utility(sets, generations) == {"qa": {"n": 2}}
+    assert seen == ["reply 5", ""], "a skipped prompt is scored as an empty reply"
+
+
+def test_over_refusal_mean_and_sets_after_one_with_nothing_judged():
+    sets = [make_set("a", ["x"] * 2, harmful=False), make_set("b", ["x"] * 2, harmful=False), make_set("c", ["x"])]
+    figures = summarize(sets, [SKIPPED, SKIPPED, 1, 0, 0], "refusal")
+    assert figures["over_refusal/b"] == 0.5 and figures["asr/c"] == 1.0 and "over_refusal/a" not in figures
+    both = summarize(sets[1:2] + sets[:1], [1, 0, 1, 1], "refusal")
+    assert both["over_refusal/mean"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("category", "key"), [("(Illegal) activity!", "Illegal_activity"), ("X-ray", "X-ray"), ("???", "_")]
+)
+def test_category_keys_trim_underscores_only(category, key):
+    assert category_key(category) == key
+
+
+def test_sets_after_a_utility_set_or_a_benign_set_under_a_classifier_get_their_figures():
+    harmful, benign = make_set("a_text", ["x", "x"]), make_set("b_safe", ["y"], harmful=False)
+    utility = EvalSet("qa", "qa", False, [EvalPrompt("0", "qa", None, "q", None, "q")], scorer=lambda p, r: {})
+    assert summarize([benign, harmful], [0, 1, 0], "harm")["asr/a_text"] == 0.5
+    assert summarize([utility, harmful], [NOT_JUDGED, 1, 0], "refusal")["asr/a_text"] == 0.5
+
+
+def test_ranks_returning_overlapping_slices_are_caught_even_when_the_count_is_right():
+    sets = [make_set("a_text", ["x", "y", "x"])]
+    prompts = all_prompts(sets)
+    generations = [Generation(i, prompts[i], "Sure.") for i in (0, 1, 1)]  # prompt 2 missing, prompt 1 twice
+    with pytest.raises(RuntimeError, match="the slices disagree"):
+        judge_and_reduce(sets, generations, [KeywordJudge("xstest")])

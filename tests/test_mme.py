@@ -105,3 +105,15 @@ def test_a_limit_that_splits_an_images_pair_leaves_its_category_score_out():
     assert figures["score/count"] == pytest.approx(200.0) and figures["accuracy"] == 1.0
     # a skipped image (empty replies) is two wrong answers and a wrong pair
     assert score_mme(prompts[2:], ["", ""])["score/count"] == 0.0
+
+
+def test_only_the_first_four_characters_are_searched():
+    """MME's parse_pred_ans looks for "yes" and "no" in ``reply[:4]`` only."""
+    assert read_yes_no("A yes") == "other" and read_yes_no("Um no") == "other"
+    assert read_yes_no("A no") == "no"
+
+
+def test_a_reply_per_question_is_required():
+    prompts = [EvalPrompt("x", "mme_perception", "count", "q", None, "q", target=YesNo("yes", "count/c"))] * 2
+    with pytest.raises(ValueError):
+        score_mme(prompts, ["Yes"])

@@ -81,3 +81,33 @@ def test_an_empty_reply_counts_as_the_wrong_answer():
     prompts = [EvalPrompt(str(i), "pope_random", None, "q", None, "q", target=label) for i, label in enumerate(labels)]
     figures = score_pope(prompts, ["", ""])
     assert figures["accuracy"] == 0.0 and figures["recall"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "yes"),
+    [
+        ("No, there is a dog", False),  # commas go before the words are split
+        ("There is\nno dog", True),  # words are split on single spaces only
+    ],
+)
+def test_llavas_word_splitting_is_kept(reply, yes):
+    assert says_yes(reply) is yes
+
+
+def pope_prompts(*labels: str) -> list[EvalPrompt]:
+    return [EvalPrompt(str(i), "pope_random", None, "q", None, "q", target=label) for i, label in enumerate(labels)]
+
+
+def test_precision_and_recall_with_as_many_errors_as_hits():
+    figures = score_pope(pope_prompts("yes", "yes", "no"), ["Yes", "No", "Yes"])  # TP, FN, FP
+    assert figures["precision"] == 0.5 and figures["recall"] == 0.5 and figures["f1"] == 0.5
+
+
+def test_recall_and_f1_are_zero_when_no_answer_is_yes():
+    figures = score_pope(pope_prompts("no", "no"), ["No", "No"])
+    assert figures == {"accuracy": 1.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+
+
+def test_a_reply_per_question_is_required():
+    with pytest.raises(ValueError):
+        score_pope(pope_prompts("yes", "no"), ["Yes"])

@@ -141,3 +141,54 @@ def test_bad_options_are_named(options, message):
 def test_other_image_needs_donors():
     with pytest.raises(ValueError, match="needs at least two donor images"):
         RejectionSwap(0.5, RejectionConfig(image="other"), donors=[("a", png_bytes())])
+
+
+def test_pool_sentences_are_fixed_by_seed_and_id_in_every_version():
+    """A run's rejection replies must not change with the code: the same (seed, id) gives the same sentence."""
+    chosen = [RejectionConfig(reply="pool").reply_for(f"s{k}") for k in range(8)]
+    assert chosen == [REFUSAL_POOL[k] for k in (0, 4, 0, 4, 0, 0, 2, 3)]
+    reseeded = [RejectionConfig(reply="pool", seed=1).reply_for(f"s{k}") for k in range(8)]
+    assert reseeded == [REFUSAL_POOL[k] for k in (0, 3, 3, 1, 0, 1, 2, 3)]
+
+
+def test_a_small_ratio_still_draws_every_pool_sentence_evenly():
+    """The sentence is drawn apart from the swap: swapped samples all have small swap scores, and a sentence chosen
+    by that score would be the pool's first one for all of them."""
+    swap = RejectionSwap(0.1, RejectionConfig(reply="pool"), ids=IDS)
+    replies = [swap(conversation(i)).turns[0][1] for i in IDS if swap.is_swapped(i)]
+    shares = [replies.count(sentence) / len(replies) for sentence in REFUSAL_POOL]
+    assert all(0.1 < share < 0.3 for share in shares), shares
+
+
+def test_a_swapped_sample_keeps_its_image_placeholder_when_it_was_in_a_dropped_turn():
+    image = Image.new("RGB", (8, 8))
+    sample = Conversation("x", (("Hello.", "Hi."), ("<image>\nWhat is this?", "A box.")), image)
+    swapped = RejectionSwap(1.0, RejectionConfig())(sample)
+    assert swapped.turns == (("<image>\nHello.", PAPER_REJECTION),)
+
+
+def test_image_first_moves_the_placeholder_and_leaves_other_turns_alone():
+    config = RejectionConfig(keep_one_turn=False)
+    swapped = RejectionSwap(1.0, config)(conversation(image=object()))
+    assert swapped.turns == (("<image>\nWhat shape is this?", PAPER_REJECTION), ("And its colour?", PAPER_REJECTION))
+
+
+def test_without_ids_a_swap_rewrites_only_samples_of_the_named_sources():
+    swap = RejectionSwap(1.0, RejectionConfig(sources=["med"]))
+    med = Conversation("a", (("Q?", "A."),), source="med")
+    other = Conversation("a", (("Q?", "A."),), source="llava")
+    assert swap(med).turns == (("Q?", PAPER_REJECTION),) and swap(other) is other
+
+
+def test_a_zero_ratio_with_other_images_needs_no_donors():
+    """Nothing is swapped, so nothing needs a replacement image (a sweep's ratio-0 baseline)."""
+    swap = RejectionSwap(0.0, RejectionConfig(image="other"))
+    assert swap(image_conversation()).image.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_noise_images_depend_on_the_seed():
+    pixels = [
+        np.asarray(RejectionSwap(1.0, RejectionConfig(image="noise", seed=seed))(image_conversation()).image)
+        for seed in (0, 1)
+    ]
+    assert not np.array_equal(*pixels)

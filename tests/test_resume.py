@@ -17,7 +17,12 @@ import torch
 from mllm_safety.data.streaming import StreamPosition
 from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.fit import main
-from mllm_safety.train.resume import capture_random_state, newest_checkpoint, restore_random_state
+from mllm_safety.train.resume import (
+    SameRunSettings,
+    capture_random_state,
+    newest_checkpoint,
+    restore_random_state,
+)
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -288,3 +293,61 @@ def test_stream_position_round_trips():
     restored = StreamPosition()
     restored.load_state_dict(position.state_dict())
     assert restored == position
+
+
+def settings_checkpoint(path: Path, settings: dict) -> Path:
+    """A checkpoint file holding only what the settings check reads: the callbacks' states, ours among others."""
+    states = {
+        "ModelCheckpoint{'monitor': None}": {"best": 1},
+        "SameRunSettings": SameRunSettings(settings).state_dict(),
+    }
+    torch.save({"callbacks": states}, path)
+    return path
+
+
+SAVED = {
+    "data": {"rejection_ratio": 0.3, "rejection": {"seed": 0, "sources": None}, "mixture": {}},
+    "model": {"lora": {"r": 4}},
+}
+
+
+def test_the_settings_check_passes_the_same_settings_in_any_order(tmp_path):
+    path = settings_checkpoint(tmp_path / "a.ckpt", SAVED)
+    data = {"mixture": {}, "rejection": {"sources": None, "seed": 0}, "rejection_ratio": 0.3}
+    same = SameRunSettings({"model": {"lora": {"r": 4}}, "data": data})
+    same.check_checkpoint(path)
+    assert same.checked
+
+
+def test_the_settings_check_names_every_difference_by_its_full_key(tmp_path):
+    path = settings_checkpoint(tmp_path / "a.ckpt", SAVED)
+    now = {"data": {"rejection_ratio": 0.0, "rejection": {"seed": 0}, "mixture": {"med": 5}}, "model": {"lr": None}}
+    with pytest.raises(ValueError, match="--allow_changed_settings true") as error:
+        SameRunSettings(now).check_checkpoint(path)
+    listed = (
+        "data.mixture: checkpoint {}, now '<unset>'; data.mixture.med: checkpoint '<unset>', now 5; "
+        "data.rejection.sources: checkpoint None, now '<unset>'; data.rejection_ratio: checkpoint 0.3, now 0.0; "
+        "model.lora.r: checkpoint 4, now '<unset>'; model.lr: checkpoint '<unset>', now None"
+    )
+    assert f"other settings ({listed})" in str(error.value)
+
+
+def test_allowed_setting_changes_are_warned_about_once(tmp_path, caplog):
+    path = settings_checkpoint(tmp_path / "a.ckpt", SAVED)
+    now = SameRunSettings(SAVED | {"model": {"lora": {"r": 8}}}, allow_changes=True)
+    with caplog.at_level(logging.WARNING):
+        now.check_checkpoint(path)
+        now.load_state_dict(torch.load(path)["callbacks"]["SameRunSettings"])  # Lightning restores it after the weights
+    warnings = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert warnings == ["resuming with changed settings (--allow_changed_settings): model.lora.r: checkpoint 4, now 8"]
+
+
+def test_a_checkpoint_without_saved_settings_is_checked_when_lightning_restores_states(tmp_path):
+    torch.save({"callbacks": {}}, tmp_path / "old.ckpt")
+    now = SameRunSettings(SAVED)
+    now.check_checkpoint(tmp_path / "old.ckpt")
+    assert not now.checked
+    with pytest.raises(ValueError, match="data.rejection_ratio: checkpoint 0.5, now 0.3"):
+        now.load_state_dict({"settings": {**now.settings, "data.rejection_ratio": 0.5}})
+    with pytest.raises(ValueError, match="model.lora.r: checkpoint '<unset>', now 4"):
+        now.load_state_dict({})  # a state saved without settings

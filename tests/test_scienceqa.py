@@ -112,3 +112,14 @@ def test_files_that_do_not_belong_together_are_named(tmp_path):
     root = write_scienceqa(tmp_path / "c", questions=[{"id": "10", "text": "other layout"}])
     with pytest.raises(ValueError, match=r"record 0 is not a LLaVA record"):
         load_benchmark(BenchmarkSpec("scienceqa", str(root)))
+
+
+def test_the_shortest_letter_prefix_reply_is_read():
+    assert parse_choice("A. ") == "A" and parse_choice("C. Paris") == "C"
+
+
+def test_a_reply_per_question_is_required():
+    """A missing reply is an error, not a mean over fewer questions."""
+    prompts = [EvalPrompt("1", "scienceqa_test", None, "q", None, "q", target=ChoiceAnswer(0, 2, True))] * 2
+    with pytest.raises(ValueError):
+        score_scienceqa(prompts, ["A"])

@@ -2,7 +2,7 @@ import pytest
 
 from mllm_safety.data.manifest import ShardEntry
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
-from mllm_safety.data.selection import eligible_ids, select_samples
+from mllm_safety.data.selection import eligible_ids, select_samples, stable_uniform
 
 
 def shards(layout):
@@ -89,3 +89,26 @@ def test_eligible_sources_must_be_present():
     selected = select_samples(shards({"a": [5], "b": [5]}), {"a": 5}, seed=0)
     with pytest.raises(ValueError, match=r"rejection.sources names \['b'\]"):
         eligible_ids(selected, ["b"])
+
+
+def test_a_mixture_picks_the_same_samples_in_every_version():
+    """A run is described by its mixture counts and seed; the samples behind them must not change with the code."""
+    used = shards({"a": [10]})
+    assert ids_of(select_samples(used, {"a": 3}, seed=0)) == {"a-3", "a-5", "a-7"}
+    assert ids_of(select_samples(used, {"a": 3}, seed=1)) == {"a-7", "a-8", "a-9"}
+
+
+def test_stable_uniform_is_uniform_on_the_unit_interval():
+    """The swap without ids compares it with the ratio: its values must spread evenly over [0, 1)."""
+    values = [stable_uniform(0, f"sample-{i}") for i in range(4000)]
+    assert all(0.0 <= v < 1.0 for v in values)
+    for threshold in (0.1, 0.5, 0.9):
+        assert abs(sum(v < threshold for v in values) / len(values) - threshold) < 0.03
+
+
+def test_a_source_can_be_named_with_no_samples_but_not_with_a_negative_count():
+    used = shards({"a": [10], "b": [10]})
+    chosen = ids_of(select_samples(used, {"a": 0, "b": 2}, seed=0))
+    assert len(chosen) == 2 and all(i.startswith("b-") for i in chosen)
+    with pytest.raises(ValueError, match="asks for -1 samples of 'a'"):
+        select_samples(used, {"a": -1}, seed=0)

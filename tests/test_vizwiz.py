@@ -113,3 +113,41 @@ def test_another_layout_or_a_missing_file_is_named(tmp_path):
         load_benchmark(BenchmarkSpec("vizwiz", str(path), images=str(tmp_path / "val")))
     with pytest.raises(FileNotFoundError, match=r"nowhere.json does not exist"):
         load_benchmark(BenchmarkSpec("vizwiz", str(tmp_path / "nowhere.json"), images=str(tmp_path / "val")))
+
+
+@pytest.mark.parametrize(
+    ("answer", "normalised"),
+    [
+        ("black,white", "blackwhite"),  # commas go before punctuation is looked at
+        ("left?right", "leftright"),  # so do question marks
+        ("red\nblue\tgreen", "red blue green"),
+        ("t-shirt-\nyes", "tshirt yes"),  # line breaks and tabs are spaces when punctuation is looked at
+        ("t-shirt-\tyes", "tshirt yes"),
+        ("t-shirt- yes", "tshirt yes"),  # a mark followed by a space anywhere: that mark goes everywhere
+        ("x -b-c", "x bc"),  # ... or preceded by one
+        ("t-shirt", "t shirt"),  # otherwise it becomes a space
+        ("a" + "." * 40, "a" + "." * 8),  # upstream's count=re.UNICODE: at most 32 periods dropped
+    ],
+)
+def test_evalai_normalisation_quirks_are_kept(answer, normalised):
+    """Scores stay comparable with published VizWiz numbers only if the normaliser's odd corners are EvalAI's."""
+    assert normalize_answer(answer) == normalised
+
+
+def vizwiz_prompts(*targets: CrowdAnswers) -> list[EvalPrompt]:
+    return [EvalPrompt(str(i), "vizwiz_val", None, "q", None, "q", target=t) for i, t in enumerate(targets)]
+
+
+def test_unanswerable_f1_weighs_precision_and_recall():
+    answerable, unanswerable = CrowdAnswers(("blue",) * 10, True), CrowdAnswers(("unanswerable",) * 10, False)
+    prompts = vizwiz_prompts(answerable, answerable, unanswerable)
+    assert score_vizwiz(prompts, ["blue", "blue", "Unanswerable"])["unanswerable_f1"] == 1.0
+    # "unanswerable" said twice, once rightly, and the one unanswerable question found: precision 1/2, recall 1
+    figures = score_vizwiz(prompts, ["Unanswerable", "blue", "unanswerable"])
+    assert figures["unanswerable_f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_unanswerable_f1_is_zero_when_it_is_undefined():
+    answerable, unanswerable = CrowdAnswers(("blue",) * 10, True), CrowdAnswers(("unanswerable",) * 10, False)
+    assert score_vizwiz(vizwiz_prompts(answerable, unanswerable), ["blue", "blue"])["unanswerable_f1"] == 0.0
+    assert score_vizwiz(vizwiz_prompts(answerable), ["blue"])["unanswerable_f1"] == 0.0
