@@ -87,9 +87,8 @@ def figure_rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     safety, utility = [], []
     for name, entry in report["sets"].items():
         protocol = entry.get("protocol") or {}
-        where = (
-            f"{protocol.get('name', 'none')} | {generation_text(entry.get('generation') or report.get('generation'))}"
-        )
+        generation = generation_text(entry.get("generation") or report.get("generation"))
+        where = f"{protocol.get('name', 'none')} | {generation}"
         if entry.get("utility"):
             for metric, value in (report.get("utility") or {}).get(name, {}).items():
                 figure = format_figure(f"utility/{name}/{metric}", value)
