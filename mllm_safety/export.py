@@ -7,12 +7,16 @@ chat template), the checkpoint puts the trained weights back (a Lightning checkp
 chat template the model was trained with: a llava-hf folder (``LlavaForConditionalGeneration``) for a run of
 ``model.llava``, the checkpoint's own layout (``AutoModelForImageTextToText`` / ``AutoProcessor``) for a run of
 ``model.pretrained``. An assembled model (``model.llm`` + ``model.vision``) has no transformers class to export to.
+The folder gets a model card (``README.md``, :mod:`mllm_safety.model_card`): the Hub's front matter, the recipe from
+the run's config, and the figures of ``--evaluation DIR`` (what ``mllm_safety.evaluate`` wrote for this checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from mllm_safety.cli import RunCLI
 from mllm_safety.model.hub_vlm import HubVLM, read_hub_config, save_hub_vlm
 from mllm_safety.model.llava_hf import save_llava_hf
+from mllm_safety.model_card import model_card, read_evaluation
 from mllm_safety.train.checkpoints import load_checkpoint_weights
 from mllm_safety.train.module import SafetyAlignModule
 
@@ -45,6 +50,21 @@ class ExportCLI(RunCLI):
             default="auto",
             help="Weight dtype of the export; auto: the dtype of the checkpoint training started from.",
         )
+        parser.add_argument(
+            "--evaluation",
+            type=str | None,
+            default=None,
+            help="The folder mllm_safety.evaluate wrote for this checkpoint: the model card (README.md) gives the "
+            "figures of its report.json with their judges, protocols and generation settings; none: the card says "
+            "the export was not evaluated.",
+        )
+        parser.add_argument(
+            "--base_model",
+            type=str | None,
+            default=None,
+            help="Hub id of the checkpoint the run started from, for the model card's base_model; default: "
+            "model.pretrained or model.llava.path when that is a Hub id (a local folder has none).",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Stop on a command that cannot export before the model is built (minutes for a 7B model)."""
@@ -56,6 +76,8 @@ class ExportCLI(RunCLI):
                 "its model from model.llm and model.vision, which no transformers class loads"
             )
         self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=True)
+        evaluation = self.config.evaluation
+        self.report = read_evaluation(evaluation, self.ckpt_path) if evaluation is not None else None
         # model.frozen_dtype saves training memory; an export loads the base weights exactly, folds LoRA in float32
         # and casts once, to --dtype.
         self.config.model.frozen_dtype = "float32"
@@ -91,6 +113,11 @@ def main(args: list[str] | None = None) -> SafetyAlignModule:
     else:
         dtype = getattr(torch, cli.config.dtype)
     export_module(cli.model, cli.config.output, dtype)
+    model_type = json.loads((Path(cli.config.output) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    card = model_card(
+        cli.config.as_dict(), cli.ckpt_path, cli.report, cli.config.evaluation, cli.config.base_model, model_type
+    )
+    card.save(Path(cli.config.output) / "README.md")
     log.info("wrote %s", cli.config.output)
     return cli.model
 
