@@ -9,6 +9,7 @@ from data_helpers import png_bytes, tiny_processor, write_source
 from PIL import Image
 from safety_fixtures import write_vlguard_train
 
+from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.convert import convert
 from mllm_safety.data.curated import CuratedConfig, CuratedTransform, left_out, refusing
@@ -166,23 +167,34 @@ def samples_by_id(module, tokenizer, num_workers):
     found = {}
     for batch in EpochLoader(stream, lambda: 0, num_workers=num_workers):
         fresh = len(batch.ids) - batch.stats["repeated"]
-        for row, sample_id in enumerate(batch.ids[:fresh]):
-            tokens = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
-            found[sample_id] = (tokens, batch.labels[row][batch.attention_mask[row].bool()].tolist())
+        images = iter(batch.pixel_values)
+        for row, sample_id in enumerate(batch.ids):
+            mask = batch.attention_mask[row].bool()
+            tokens = batch.input_ids[row][mask].tolist()
+            pixels = next(images).flatten().tolist() if IMAGE_TOKEN_ID in tokens else None
+            if row < fresh:
+                found[sample_id] = (tokens, batch.labels[row][mask].tolist(), pixels)
     return found
 
 
-def test_options_act_on_curated_samples_alike_for_any_worker_count(mixed, tokenizer):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reply": "pool", "turns": "random", "image": "noise"},
+        {"reply": "fixed", "contrast": "unsafe_only", "image": "other"},
+    ],
+)
+def test_options_act_on_curated_samples_alike_for_any_worker_count(mixed, tokenizer, options):
     def module(**curated):
         data = SafetyDataModule(train_shards=str(mixed / "*.tar"), curated=CuratedConfig(**curated))
         data.setup("fit")
         return data
 
     plain = samples_by_id(module(), tokenizer, 0)
-    options = {"reply": "pool", "turns": "random", "image": "noise"}
     runs = [samples_by_id(module(**options), tokenizer, workers) for workers in (0, 1, 2)]
     curated = {"Ads_2", "Ads_4", "Ads_6", "HOD_3", "Priv_8"}
     assert len(plain) == 14 and curated < set(plain)
+    assert sum(pixels is not None for *_, pixels in plain.values()) == 5 + 5, "curated images and half the benign"
     assert all(runs[0][i] != plain[i] for i in curated), "every curated sample changes"
     assert all(runs[0][i] == plain[i] for i in set(plain) - curated), "benign samples do not"
     assert runs[0] == runs[1] == runs[2]
@@ -194,6 +206,9 @@ def test_no_safe_images_and_refusal_share_choose_samples_before_the_mixture(mixe
     )
     module.setup("fit")
     assert sorted(i for piece in module.pieces for i in piece.ids) == ["HOD_3", "Priv_8"]
+    everything = SafetyDataModule(train_shards=str(mixed / "*.tar"), curated=CuratedConfig(contrast="no_safe_images"))
+    everything.setup("fit")
+    assert {i for piece in everything.pieces for i in piece.ids if not i.startswith("llava")} == {"HOD_3", "Priv_8"}
     too_many = SafetyDataModule(
         train_shards=str(mixed / "*.tar"), curated=CuratedConfig(contrast="no_safe_images"), mixture={"vlguard": 3}
     )
