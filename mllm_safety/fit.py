@@ -26,6 +26,7 @@ RUN_DATA_SETTINGS = (
     "train_shards",
     "rejection_ratio",
     "rejection",
+    "curated",
     "mixture",
     "seed",
     "mode",

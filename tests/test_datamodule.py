@@ -74,6 +74,7 @@ def test_ablation_and_mixture_options_are_recorded_in_the_run_config(tmp_path):
         tmp_path, "--trainer.max_steps", "2", "--data.train_shards", str(data / "*.tar"),
         "--data.mixture", '{"llava": 8, "med": 8}', "--data.rejection_ratio", "0.5",
         "--data.rejection.sources", '["med"]', "--data.rejection.image", "noise", "--data.rejection.reply", "pool",
+        "--data.curated.reply", "fixed", "--data.curated.turns", "random", "--data.curated.contrast", "unsafe_only",
     )  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,6 +83,13 @@ def test_ablation_and_mixture_options_are_recorded_in_the_run_config(tmp_path):
     assert data_config["mixture"] == {"llava": 8, "med": 8}
     rejection = data_config["rejection"]
     assert (rejection["image"], rejection["reply"], rejection["sources"]) == ("noise", "pool", ["med"])
+    curated = data_config["curated"]
+    assert (curated["reply"], curated["turns"], curated["contrast"], curated["image"]) == (
+        "fixed",
+        "random",
+        "unsafe_only",
+        "keep",
+    )
     assert "swap: 4 of 8 eligible samples" in done.stderr + done.stdout
     assert "{'llava': 8, 'med': 8}" in done.stderr + done.stdout
 

@@ -51,6 +51,21 @@ def test_swap_options():
     assert swapped.learn_end_marker
 
 
+def test_swap_keeps_a_random_turn_that_is_not_a_what_about_follow_up():
+    def three_turns(sample_id):
+        turns = (("<image>\nWhat shape?", "A circle."), ("What about the colour?", "Red."), ("How big?", "Small."))
+        return Conversation(sample_id, turns, object())
+
+    random_turn = RejectionSwap(1.0, RejectionConfig(kept_turn="random"))
+    kept = [random_turn(three_turns(f"s{k}")).turns for k in range(40)]
+    assert {turns[0][0] for turns in kept} == {"<image>\nWhat shape?", "<image>\nHow big?"}, "either, never turn 2"
+    assert kept == [random_turn(three_turns(f"s{k}")).turns for k in range(40)], "fixed by (seed, id)"
+    first = RejectionSwap(1.0, RejectionConfig())
+    assert {first(three_turns(f"s{k}")).turns[0][0] for k in range(40)} == {"<image>\nWhat shape?"}
+    with pytest.raises(ValueError, match="rejection.kept_turn 'last' is not one of"):
+        RejectionConfig(kept_turn="last")
+
+
 def test_unswapped_sample_is_untouched():
     original = conversation()
     assert RejectionSwap(0.0, RejectionConfig())(original) is original

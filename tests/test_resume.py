@@ -1,12 +1,14 @@
 """Exact resume: a run stopped mid-epoch (a crash, or SLURM's requeue signal) and restarted with the same command ends
 as if it had never stopped: the same batches in the same order, bit-identical weights."""
 
+import inspect
 import json
 import logging
 import os
 import random
 import signal
 import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -14,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 
+from mllm_safety.data.curated import CuratedConfig
+from mllm_safety.data.datamodule import SafetyDataModule
 from mllm_safety.data.streaming import StreamPosition
 from mllm_safety.evaluation.callback import SafetyEvalCallback
-from mllm_safety.fit import main
+from mllm_safety.fit import RUN_DATA_SETTINGS, main
 from mllm_safety.train.resume import (
     SameRunSettings,
     capture_random_state,
+    flatten,
     newest_checkpoint,
     restore_random_state,
 )
@@ -261,6 +266,14 @@ def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, 
     other_seed = ("--seed_everything", "1", "--allow_changed_settings", "true", "--trainer.max_epochs", "3")
     with pytest.raises(ValueError, match="was trained with another frozen 'vision' than this model's"):
         fit(tmp_path, tmp_path / "fourth.txt", epochs=3, extra=other_seed)
+
+
+def test_every_data_option_that_changes_the_samples_is_compared_on_resume():
+    assert set(inspect.signature(SafetyDataModule).parameters) - set(RUN_DATA_SETTINGS) == {"skip_bad_samples"}
+    saved, now = ({"data": {"curated": asdict(CuratedConfig(reply=reply))}} for reply in ("keep", "fixed"))
+    assert flatten(saved) != flatten(now)
+    with pytest.raises(ValueError, match="data.curated.reply: checkpoint 'keep', now 'fixed'"):
+        SameRunSettings(now).load_state_dict({"settings": flatten(saved)})
 
 
 def test_rerunning_a_finished_run_ends_cleanly_with_a_message(tmp_path, caplog, planted_weights):

@@ -19,6 +19,7 @@ _ROLES = {"human": "user", "gpt": "assistant"}
 SKIP_REASONS: dict[str, str] = {
     "bad_json": "the .json member is missing, not JSON, or not an object",
     "bad_conversation": "the turns do not alternate human/assistant with string values",
+    "bad_record": "the record does not follow its source's layout (VLGuard: unknown keys, malformed instr-resp)",
     "no_reply": "no assistant turn to learn from",
     "bad_image": "the image is unreadable, or the <image> placeholders do not match the image",
     "missing_image": "the record names an image file that does not exist",
@@ -27,6 +28,14 @@ SKIP_REASONS: dict[str, str] = {
     "corrupt_tar": "the shard is damaged: samples after the damage could not be read",
 }
 """Why a sample can be skipped; each reason is counted and logged as ``data/skipped_<reason>``."""
+
+TURN_KINDS: dict[str, str] = {
+    "answer": "an answer to a safe instruction (about a safe image)",
+    "refusal": "a refusal of an unsafe instruction about a safe image",
+    "image_refusal": "a refusal of an instruction about an unsafe image",
+}
+"""What a curated source's turn teaches; stored as the ``kind`` of its reply in the shard, so that the comparison
+experiments (``mllm_safety.data.curated``) can remove or rewrite turns by kind. Benign sources have no kinds."""
 
 
 class SampleError(ValueError):
@@ -57,11 +66,24 @@ class Conversation:
     """Learn the end-of-turn token after each reply (the paper leaves it out for rejections)."""
     source: str | None = None
     """The data source the sample came from (a name given at conversion), for source-limited rejection swaps."""
+    kinds: tuple[str, ...] | None = None
+    """Each turn's kind (:data:`TURN_KINDS`), aligned with ``turns``, for a curated source; ``None``: not known."""
 
     def with_turns(
         self, turns: tuple[tuple[str, str], ...], is_rejection: bool, learn_end_marker: bool
     ) -> Conversation:
-        return replace(self, turns=turns, is_rejection=is_rejection, learn_end_marker=learn_end_marker)
+        """New turns whose replies are no longer the source's: their kinds are dropped."""
+        return replace(self, turns=turns, is_rejection=is_rejection, learn_end_marker=learn_end_marker, kinds=None)
+
+    @property
+    def is_curated(self) -> bool:
+        """Whether the turns know their kind (a curated source's sample)."""
+        return self.kinds is not None
+
+    @property
+    def shows_safe_image(self) -> bool:
+        """A curated sample's image is safe unless one of its turns refuses the image itself."""
+        return self.kinds is not None and "image_refusal" not in self.kinds
 
 
 def parse_llava_record(record: dict[str, Any], image: Image.Image | None) -> Conversation:
@@ -75,6 +97,7 @@ def parse_llava_record(record: dict[str, Any], image: Image.Image | None) -> Con
     if not isinstance(messages, list) or not messages:
         raise SampleError(sample_id, "bad_conversation", "'conversations' must be a non-empty list")
     turns: list[tuple[str, str]] = []
+    kinds: list[object] = []
     for index in range(0, len(messages), 2):
         pair = messages[index : index + 2]
         roles = [m.get("from") if isinstance(m, dict) else None for m in pair]
@@ -90,6 +113,7 @@ def parse_llava_record(record: dict[str, Any], image: Image.Image | None) -> Con
         if not isinstance(human, str) or not isinstance(gpt, str):
             raise SampleError(sample_id, "bad_conversation", f"turn {index} has a non-string 'value'")
         turns.append((human, gpt))
+        kinds.append(pair[1].get("kind"))
     if not turns:
         raise SampleError(sample_id, "no_reply", "conversation has no assistant turn to learn from")
     placeholders = sum(human.count(IMAGE_PLACEHOLDER) for human, _ in turns)
@@ -99,9 +123,17 @@ def parse_llava_record(record: dict[str, Any], image: Image.Image | None) -> Con
         raise SampleError(sample_id, "bad_image", f"has an {IMAGE_PLACEHOLDER} placeholder but no image")
     if placeholders == 0 and image is not None:
         raise SampleError(sample_id, "bad_image", f"has an image but no {IMAGE_PLACEHOLDER} placeholder in its prompt")
+    if any(kind is not None for kind in kinds) and not all(kind in TURN_KINDS for kind in kinds):
+        raise SampleError(
+            sample_id, "bad_conversation", f"turn kinds {kinds} must all be one of {sorted(TURN_KINDS)}, or all unset"
+        )
     source = record.get("source")
     return Conversation(
-        id=sample_id, turns=tuple(turns), image=image, source=source if isinstance(source, str) else None
+        id=sample_id,
+        turns=tuple(turns),
+        image=image,
+        source=source if isinstance(source, str) else None,
+        kinds=tuple(kinds) if kinds[0] is not None else None,
     )
 
 

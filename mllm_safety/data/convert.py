@@ -3,7 +3,8 @@
 Reads the LLaVA instruction layout (``llava_v1_5_mix665k.json``: ``id``, optional ``image`` relative to the image
 root, ``conversations`` of ``{"from": "human"|"gpt", "value"}`` with ``<image>`` in the first human turn) or the
 ShareGPT layout (``messages`` of ``{"role": "user"|"assistant", "content"}``, ``images``: a list of at most one
-path), and writes webdataset shards with the image bytes embedded plus a ``manifest.json``.
+path), and writes webdataset shards with the image bytes embedded plus a ``manifest.json``. ``--format vlguard``
+reads VLGuard's ``train.json`` instead (:mod:`mllm_safety.data.vlguard`): each reply keeps its kind.
 
 Converting several sources into the same ``--output`` folder builds a mixture: each source gets its own shards
 (``<source>-NNNNNN.tar``), and the manifest counts samples per source, which the data module uses to select
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json as jsonlib
+import random
 import shutil
 import uuid
 from collections import Counter
@@ -25,13 +27,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import auto_cli
 from PIL import Image, UnidentifiedImageError
 
 from mllm_safety.data.conversation import SampleError, parse_llava_record
 from mllm_safety.data.manifest import SOURCE_NAME, Manifest, ShardSetWriter, SkippedSample
+from mllm_safety.data.vlguard import vlguard_record
 
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 """Image formats stored as they are; any other readable format is re-encoded as PNG."""
@@ -106,6 +109,13 @@ def parse_record(index: int, record: Any, source: str) -> _Parsed:
     return _Parsed(index, sample_id, llava, image_path)
 
 
+def parse_vlguard(index: int, record: Any, source: str, rng: random.Random) -> _Parsed:
+    """Validate one VLGuard record (without touching its image); raises :class:`SampleError`."""
+    llava = vlguard_record(index, record, source, rng)
+    parse_llava_record(llava, image=object())  # turn structure and kinds
+    return _Parsed(index, llava["id"], llava, llava["image"])
+
+
 def read_image(path: Path) -> tuple[str, bytes]:
     """``(extension, bytes)`` of an image file that decodes completely; raises :class:`SampleError` otherwise."""
     if not path.is_file():
@@ -151,8 +161,9 @@ def convert(
     source: str | None = None,
     shard_size: int = 1000,
     workers: int = 1,
+    format: Literal["llava", "vlguard"] = "llava",
 ) -> Manifest:
-    """Convert a LLaVA or ShareGPT JSON file into webdataset shards with a manifest.
+    """Convert a LLaVA, ShareGPT or VLGuard JSON file into webdataset shards with a manifest.
 
     Args:
         json: The ``.json`` list (or ``.jsonl``) of samples.
@@ -162,6 +173,8 @@ def convert(
             file's name without extension.
         shard_size: Samples per shard. Smaller shards spread more evenly over ranks and workers.
         workers: Processes reading and verifying images.
+        format: ``llava``: the LLaVA or ShareGPT layout (told apart per record); ``vlguard``: VLGuard's
+            ``train.json``, converted as VLGuard does, each reply with its kind (answer or refusal).
     """
     source = source or json.stem.replace(".", "_")
     if not SOURCE_NAME.match(source) or shard_size < 1 or workers < 1:
@@ -177,9 +190,15 @@ def convert(
     renamed: list[list[str]] = []
 
     jobs = []
+    rng = random.Random(0)  # VLGuard's shuffle of a safe image's two turns
     for index, record in enumerate(load_records(json)):
         try:
-            jobs.append((parse_record(index, record, source), str(image_root) if image_root else None))
+            parsed = (
+                parse_vlguard(index, record, source, rng)
+                if format == "vlguard"
+                else parse_record(index, record, source)
+            )
+            jobs.append((parsed, str(image_root) if image_root else None))
         except SampleError as error:
             skipped.append(SkippedSample(source, error.sample_id, error.reason, error.detail))
 
@@ -210,6 +229,7 @@ def convert(
 
     params = dict(existing.params)
     params[source] = {
+        "format": format,
         "json": str(json),
         "image_root": str(image_root) if image_root else None,
         "shard_size": shard_size,

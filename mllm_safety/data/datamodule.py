@@ -1,4 +1,5 @@
-"""The training data: shards -> selection (mixture) -> safe decode -> rejection swap -> tokenize -> even batches."""
+"""The training data: shards -> selection (mixture) -> safe decode -> curated experiments, rejection swap -> tokenize
+-> even batches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mllm_safety.constants import cache_dir
+from mllm_safety.data.curated import CuratedConfig, CuratedTransform, Transforms, left_out, refusing
 from mllm_safety.data.processor import Batch, Processor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.data.selection import eligible_ids, select_samples
@@ -36,6 +38,7 @@ class SafetyDataModule(L.LightningDataModule):
         rejection_ratio: float = 0.0,
         rejection: RejectionConfig = RejectionConfig(),
         mixture: dict[str, int | None] | None = None,
+        curated: CuratedConfig = CuratedConfig(),
         batch_size: int = 8,
         num_workers: int = 1,
         mode: StreamMode = "exact",
@@ -59,6 +62,8 @@ class SafetyDataModule(L.LightningDataModule):
                 ablation, eligible sources, seed).
             mixture: Samples per source, e.g. ``{llava: 5000, med: 2000}`` (``null`` for all of a source); sources
                 not named are left out. ``null`` uses every sample. Needs a manifest.
+            curated: The paper's comparison experiments on a curated source's samples (``--format vlguard``):
+                image content, refusal replies, safe turns or images removed, one turn each, refusal share.
             batch_size: Samples per batch on each device.
             num_workers: DataLoader worker processes per device.
             mode: ``exact``: every selected sample once per epoch, split evenly over ranks and workers (needs a
@@ -79,6 +84,7 @@ class SafetyDataModule(L.LightningDataModule):
         super().__init__()
         self.rejection = rejection
         self.rejection_ratio = rejection_ratio
+        self.curated = curated
         RejectionSwap(rejection_ratio, self.rejection)  # fail at configuration time, not after the model loads
         problems = [
             f"{name} must be >= {low}, got {value}"
@@ -113,6 +119,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.world = world
         self.pieces: list[ShardSlice] = []
         self.swap: RejectionSwap | None = None
+        self.curated_transform: CuratedTransform | None = None
         self.position = StreamPosition()
         self.processor: Processor | None = None
 
@@ -147,11 +154,22 @@ class SafetyDataModule(L.LightningDataModule):
                     "`python -m mllm_safety.data.convert`, or set data.mode=resampled and data.num_samples "
                     "(no mixture; rejection ratios then hold in expectation only)"
                 )
+            if self.curated.contrast == "no_safe_images" or self.curated.refusal_share is not None:
+                raise ValueError(
+                    "data.curated.contrast no_safe_images and data.curated.refusal_share choose samples by the kinds "
+                    f"of their turns listed in manifest.json, which {self.train_shards!r} lacks: convert them"
+                )
             self.pieces = [ShardSlice(shard) for shard in shards]
             ids = None
+            curated_pieces, refusers = self.pieces, None
         else:
-            selected = select_samples(entries, self.mixture, self.seed)
+            kinds = {i: k for _, entry in entries if entry.kinds is not None for i, k in zip(entry.ids, entry.kinds)}
+            selected = select_samples(entries, self.mixture, self.seed, exclude=left_out(self.curated, kinds))
             self.pieces = [ShardSlice(s.path, s.positions, s.ids) for s in selected]
+            chosen = {i: kinds[i] for shard in selected for i in shard.ids if i in kinds}
+            refusers = refusing(self.curated, chosen)
+            curated_sources = {entry.source for _, entry in entries if entry.kinds is not None}
+            curated_pieces = [piece for piece, s in zip(self.pieces, selected) if s.source in curated_sources]
             ids = eligible_ids(selected, self.rejection.sources)
             counts: Counter[str] = Counter()
             for shard in selected:
@@ -161,8 +179,19 @@ class SafetyDataModule(L.LightningDataModule):
         if self.rejection.image == "other" and self.rejection_ratio > 0:
             donors = first_images(self.pieces, self.donor_images)
         self.swap = RejectionSwap(self.rejection_ratio, self.rejection, ids=ids, donors=donors)
+        curated_donors = first_images(curated_pieces, self.donor_images) if self.curated.image == "other" else None
+        self.curated_transform = CuratedTransform(self.curated, refusers, curated_donors)
+        if refusers is not None:
+            rank_zero_info(f"curated refusal share: {len(refusers)} of {len(chosen)} curated samples refuse")
         if self.swap.chosen is not None:
             rank_zero_info(f"rejection swap: {len(self.swap.chosen)} of {len(ids)} eligible samples")
+
+    @property
+    def transform(self) -> Transforms:
+        """What every decoded sample goes through before tokenizing: the curated experiments, then the swap."""
+        if self.swap is None or self.curated_transform is None:
+            raise RuntimeError("SafetyDataModule.setup() builds the sample transforms; call it first")
+        return Transforms(self.curated_transform, self.swap)
 
     def train_dataloader(self) -> EpochLoader:
         if self.processor is None:
@@ -170,7 +199,7 @@ class SafetyDataModule(L.LightningDataModule):
         stream = ShardStream(
             self.pieces,
             self.processor,
-            self.swap,
+            self.transform,
             batch_size=self.batch_size,
             mode=self.mode,
             samples_per_epoch=self.num_samples,

@@ -42,6 +42,16 @@ class ShardEntry:
     """The data source all samples of this shard come from."""
     ids: list[str]
     """Sample ids in storage order."""
+    kinds: list[list[str]] | None = None
+    """For a curated source, each sample's turn kinds (``TURN_KINDS``), aligned with ``ids``: lets a run choose
+    samples by what they teach (safe images, refusal shares) before reading a shard. ``None`` for other sources."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Without ``kinds`` when unset, so that manifests of benign sources stay as they were."""
+        data = asdict(self)
+        if self.kinds is None:
+            del data["kinds"]
+        return data
 
 
 @dataclass
@@ -82,7 +92,7 @@ class Manifest:
             "sources": self.sources,
             "skipped_counts": dict(sorted(skipped_counts.items())),
             "params": self.params,
-            "shards": [asdict(entry) for entry in self.shards],
+            "shards": [entry.to_json() for entry in self.shards],
             "skipped": [asdict(s) for s in self.skipped],
         }
 
@@ -146,6 +156,18 @@ class ShardSetWriter:
         if self._writer is None or len(self.entries[-1].ids) >= self.shard_size:
             self.start_shard()
         entry = self.entries[-1]
+        kinds = [
+            m.get("kind") for m in record.get("conversations", []) if isinstance(m, dict) and m.get("from") == "gpt"
+        ]
+        has_kinds = any(kind is not None for kind in kinds)
+        if entry.ids and has_kinds != (entry.kinds is not None):
+            raise ValueError(
+                f"sample {sample_id!r} of source {self.source!r}: either every sample of a source has turn kinds "
+                "or none has"
+            )
+        if has_kinds:
+            entry.kinds = entry.kinds if entry.kinds is not None else []
+            entry.kinds.append(kinds)
         member: dict[str, Any] = {
             "__key__": sample_key(len(entry.ids)),
             "json": json.dumps({**record, "id": sample_id, "source": self.source}).encode(),

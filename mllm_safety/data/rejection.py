@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from mllm_safety.constants import IMAGE_PLACEHOLDER
 from mllm_safety.data.ablation import ImageAblation, ImageMode
 from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.selection import stable_uniform
+from mllm_safety.data.turns import TurnChoice, turn_index
 
 PAPER_REJECTION = "I'm sorry, but I cannot assist with your request."
 REFUSAL_POOL = (
@@ -46,7 +47,10 @@ class RejectionConfig:
     seed: int = 0
     """Chooses which samples are swapped (and their pool sentence, reason, replacement image)."""
     keep_one_turn: bool = True
-    """Keep only the first human turn of a swapped sample (the paper's choice)."""
+    """Keep only one human turn of a swapped sample (the paper's choice)."""
+    kept_turn: TurnChoice = "first"
+    """The turn ``keep_one_turn`` keeps: the ``first``, or a ``random`` one (fixed by seed and id) that is not a
+    "what about" follow-up, as the paper's ``--random_choose`` does."""
     image_first: bool = True
     """Move ``<image>`` to the front of the prompt, followed by a newline (LLaVA's layout)."""
     learn_eos: bool = False
@@ -70,6 +74,8 @@ class RejectionConfig:
         for name, texts in (("pool", self.pool), ("reasons", self.reasons)):
             if not texts or not all(text.strip() for text in texts):
                 raise ValueError(f"rejection.{name} must hold at least one non-empty text, got {texts!r}")
+        if self.kept_turn not in get_args(TurnChoice):
+            raise ValueError(f"rejection.kept_turn {self.kept_turn!r} is not one of {list(get_args(TurnChoice))}")
         if self.sources is not None and not self.sources:
             raise ValueError("rejection.sources is empty: nothing could be swapped; use null for any source")
 
@@ -118,7 +124,10 @@ class RejectionSwap:
     def __call__(self, conversation: Conversation) -> Conversation:
         if not self.is_swapped(conversation.id, conversation.source):
             return conversation
-        turns = conversation.turns[:1] if self.config.keep_one_turn else conversation.turns
+        turns = conversation.turns
+        if self.config.keep_one_turn:
+            index = turn_index(turns, self.config.kept_turn, self.config.seed, conversation.id)
+            turns = turns[index : index + 1]
         humans = [human for human, _ in turns]
         if conversation.image is not None and not any(IMAGE_PLACEHOLDER in human for human in humans):
             humans[0] = f"{IMAGE_PLACEHOLDER}\n{humans[0]}"  # the placeholder was in a dropped turn

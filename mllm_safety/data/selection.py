@@ -27,13 +27,17 @@ class SelectedShard:
 
 
 def select_samples(
-    used: list[tuple[str, ShardEntry]], mixture: dict[str, int | None] | None, seed: int
+    used: list[tuple[str, ShardEntry]],
+    mixture: dict[str, int | None] | None,
+    seed: int,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[SelectedShard]:
     """The samples to train on, shard by shard, from ``(path, manifest entry)`` pairs.
 
     Without ``mixture`` every sample is used. With it, each named source contributes the given number of samples
     (``None``: all of them) and other sources none. The samples of a source are those with the smallest
-    ``stable_uniform("mixture", seed, id)``: a larger count keeps every sample of a smaller one.
+    ``stable_uniform("mixture", seed, id)``: a larger count keeps every sample of a smaller one. Ids in ``exclude``
+    (a curated experiment's left-out samples) are never used, and the counts are drawn from the others.
     """
     seen: set[str] = set()
     for path, entry in used:
@@ -45,7 +49,7 @@ def select_samples(
     if mixture is not None:
         available: dict[str, list[str]] = {}
         for _, entry in used:
-            available.setdefault(entry.source, []).extend(entry.ids)
+            available.setdefault(entry.source, []).extend(i for i in entry.ids if i not in exclude)
         chosen = set()
         for source, count in mixture.items():
             ids = available.get(source)
@@ -57,7 +61,7 @@ def select_samples(
             chosen.update(ranked if count is None else ranked[:count])
     selected = []
     for path, entry in used:
-        picks = [(k, i) for k, i in enumerate(entry.ids) if chosen is None or i in chosen]
+        picks = [(k, i) for k, i in enumerate(entry.ids) if i not in exclude and (chosen is None or i in chosen)]
         if picks:
             selected.append(SelectedShard(path, entry.source, tuple(k for k, _ in picks), tuple(i for _, i in picks)))
     return selected

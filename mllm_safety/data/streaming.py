@@ -25,28 +25,29 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mllm_safety.data.batching import exact_batches, length_grouped_batches
-from mllm_safety.data.conversation import SKIP_REASONS, SampleError
+from mllm_safety.data.conversation import SKIP_REASONS, Conversation, SampleError
 from mllm_safety.data.processor import Batch, ModelSample, Processor
-from mllm_safety.data.rejection import RejectionSwap
 from mllm_safety.data.shards import ShardSlice, decode_sample, read_slice
 
 log = logging.getLogger(__name__)
 
 StreamMode = Literal["exact", "resampled"]
+Transform = Callable[[Conversation], Conversation]
+"""What happens to a decoded sample before tokenizing: the curated experiments and the rejection swap."""
 
 
 class SampleStream:
-    """The per-sample part of the pipeline (decode, swap, tokenize), skipping and counting unusable samples."""
+    """The per-sample part of the pipeline (decode, transform, tokenize), skipping and counting unusable samples."""
 
     def __init__(
         self,
         processor: Processor,
-        swap: RejectionSwap,
+        transform: Transform,
         skip_bad_samples: bool,
         skipped: Counter[str] | None = None,
     ) -> None:
         self.processor = processor
-        self.swap = swap
+        self.transform = transform
         self.skip_bad_samples = skip_bad_samples
         self.skipped: Counter[str] = Counter() if skipped is None else skipped
 
@@ -58,7 +59,7 @@ class SampleStream:
                 f"{raw.get('__url__')} holds sample {conversation.id!r} where its manifest lists {expected!r}: "
                 "the manifest does not describe these shards (rewrite both with mllm_safety.data.convert)"
             )
-        return self.processor.stream_sample(self.swap(conversation))
+        return self.processor.stream_sample(self.transform(conversation))
 
     def __call__(self, raws: Iterator[dict]) -> Iterator[ModelSample]:
         for raw in raws:
@@ -107,7 +108,7 @@ class ShardStream(IterableDataset):
         self,
         pieces: list[ShardSlice],
         processor: Processor,
-        swap: RejectionSwap,
+        transform: Transform,
         *,
         batch_size: int,
         mode: StreamMode = "exact",
@@ -125,7 +126,7 @@ class ShardStream(IterableDataset):
             raise ValueError("exact mode needs a manifest listing every shard's samples; use mode 'resampled'")
         self.pieces = pieces
         self.processor = processor
-        self.swap = swap
+        self.transform = transform
         self.batch_size = batch_size
         self.mode = mode
         self.seed = seed
@@ -178,7 +179,7 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer:
             rng = random.Random(f"samples/{self.seed}/{epoch}/{slot}")
             raws = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raws)
-        samples = SampleStream(self.processor, self.swap, self.skip_bad_samples, skipped)(raws)
+        samples = SampleStream(self.processor, self.transform, self.skip_bad_samples, skipped)(raws)
         batches = length_grouped_batches(
             samples,
             self.batch_size,
