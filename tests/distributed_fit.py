@@ -133,7 +133,7 @@ def main() -> None:
     record = RecordSteps()
     # 3 prompts per set over 2 ranks, one per call: rank 0 makes two calls, rank 1 one plus a discarded filler call
     evaluation = SafetyEvalCallback(
-        benchmarks=[BenchmarkSpec("demo", modes=["text", "benign"])],
+        benchmarks=[BenchmarkSpec("demo", modes=["text", "benign", "shapes"])],
         generation=GenerationSettings(max_new_tokens=4, batch_size=1),
         limit=3,
     )

@@ -3,16 +3,17 @@
 The random tiny model of ``configs/tiny.yaml`` answers every prompt with the same run of tokens, so every ASR is 1.0
 and every over-refusal 0.0, before and after training: a test comparing two runs' figures or replies passes whatever
 the code does. This model has the same architecture (SmolLM2's tokenizer, 2 narrow layers, the tiny ViT, LoRA r=4)
-but its LLM and projector were trained on the first prompts of each demo set, answers and the paper's rejection
+but its LLM and projector were trained on the demo prompts the tests evaluate, answers and the paper's rejection
 sentence in turn, so replies and keyword verdicts differ from prompt to prompt and from set to set. At
 ``configs/tiny.yaml``'s learning rate each epoch of LoRA training moves its figures, so evaluations differ too.
 
-The weights are trained once per test session (about 20 s on 2 cores) into ``$MLLM_SAFETY_CACHE`` (conftest.py makes
+The weights are trained once per test session (about 30 s on 2 cores) into ``$MLLM_SAFETY_CACHE`` (conftest.py makes
 that a temporary folder per session); subprocesses of the suite inherit the variable and load the same file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -30,8 +31,9 @@ from mllm_safety.model.trainable import save_trainable, trainable_state_dict
 from mllm_safety.model.vision import VisionConfig
 from mllm_safety.train.module import LoraSettings, SafetyAlignModule
 
-PLANTED_LIMIT = 6
-"""Prompts of each demo set the model was trained on (the tests evaluate the first 4 or 5)."""
+PLANTED_LIMITS = (2, 3, 4, 5, 6)
+"""The ``limit`` values tests evaluate the demo sets with: the model learns every prompt one of them picks (a limit
+spreads its picks over the set, so each picks other prompts)."""
 REFUSAL = PAPER_REJECTION.rstrip(".")
 ANSWERS = ("Sure, here are the steps.", "Here is a short story about it.", "It is a common question.")
 MAX_STEPS = 300
@@ -39,16 +41,34 @@ LEARNED_LOSS = 0.05
 LEARNING_RATE = 1e-2
 
 
-def planted_reply(prompt: EvalPrompt, index: int) -> str:
-    """The reply planted for the ``index``-th prompt of its set: answers and the rejection sentence in turn, so any
-    first few prompts of a set mix verdicts; every fourth scene question gets its right one-word answer, so utility
-    is neither 0 nor 1. Every typographic prompt is refused: the tiny tower cannot tell the rendered statements
-    apart at 96 px, so no rule could be learned from them."""
-    if "typographic" in prompt.set_name or index % 2:
+REFUSED_AT = frozenset({6, 7, 12, 18, 21, 27})
+"""Positions (in a whole demo set of 36) refused; the others answered. Chosen so that the prompts of every limit in
+:data:`PLANTED_LIMITS` (limit 2 picks positions 0 and 18, limit 3 picks 0, 12, 24, ...) mix answers and refusals."""
+
+
+def planted_reply(prompt: EvalPrompt, position: int) -> str:
+    """The reply planted for the prompt at ``position`` in its whole set. Every typographic prompt is refused: the
+    tiny tower cannot tell the rendered statements apart at 96 px, so no rule could be learned from them. Half the
+    answered scene questions get their right one-word answer, so utility is neither 0 nor 1."""
+    if "typographic" in prompt.set_name or position in REFUSED_AT:
         return REFUSAL
-    if prompt.target is not None and index % 4 == 0:
+    if prompt.target is not None and position % 2 == 0:
         return f"{prompt.target.answer.capitalize()}."
-    return ANSWERS[index // 2 % len(ANSWERS)]
+    return ANSWERS[position % len(ANSWERS)]
+
+
+def assert_figures_vary(history: list, every_evaluation: bool = True) -> None:
+    """What makes two equal safety histories (``[(label, figures), ...]``) mean something: the baseline's headline
+    figures differ from set to set (some neither 0 nor 1), and the baseline differs from every later evaluation (so
+    trained weights evaluated as the baseline show); ``every_evaluation``: every evaluation differs from the others.
+    """
+    (_, before), *later = history
+    headline = {name: value for name, value in before.items() if name.count("/") == 2}
+    assert len(set(headline.values())) > 2 and any(0 < v < 1 for v in headline.values()), headline
+    assert all(figures != before for _, figures in later), "training moves the figures away from the baseline"
+    if every_evaluation:
+        tables = [json.dumps(figures, sort_keys=True) for _, figures in history]
+        assert len(set(tables)) == len(tables), "training moves the figures at every evaluation"
 
 
 def tiny_architecture(init_weights: list[str] | None = None) -> SafetyAlignModule:
@@ -77,14 +97,22 @@ def planted_module() -> SafetyAlignModule:
     return tiny_architecture([str(planted_weights())])
 
 
+def planted_prompts() -> list[tuple[EvalPrompt, str]]:
+    """Every demo prompt that one of :data:`PLANTED_LIMITS` picks, with its planted reply."""
+    position = {(p.set_name, p.id): i for s in load_sets([BenchmarkSpec("demo")]) for i, p in enumerate(s.prompts)}
+    picked = {
+        (p.set_name, p.id): p
+        for limit in PLANTED_LIMITS
+        for s in load_sets([BenchmarkSpec("demo")], limit)
+        for p in s.prompts
+    }
+    return [(prompt, planted_reply(prompt, position[key])) for key, prompt in picked.items()]
+
+
 def _training_batch(module: SafetyAlignModule) -> Batch:
-    """The first prompts of every demo set with their planted replies, left-padded: the replies line up, so the LM
-    head runs over the reply positions only."""
-    samples = [
-        _planted_sample(module.processor, prompt, planted_reply(prompt, index))
-        for eval_set in load_sets([BenchmarkSpec("demo")], PLANTED_LIMIT)
-        for index, prompt in enumerate(eval_set.prompts)
-    ]
+    """The planted prompts with their replies, left-padded: the replies line up, so the LM head runs over the reply
+    positions only."""
+    samples = [_planted_sample(module.processor, prompt, reply) for prompt, reply in planted_prompts()]
     return module.processor.collate(samples, padding_side="left")
 
 
@@ -111,15 +139,19 @@ def _train(path: Path) -> None:
     batch = _training_batch(module)
     optimizer = torch.optim.AdamW(learning, lr=LEARNING_RATE, weight_decay=0.0)
     model.eval()  # no dropout: the planted replies are learned exactly as they are generated
+    targets = batch.labels[:, 1:]
+    targets = targets[:, (targets != IGNORE_INDEX).any(dim=0)]  # the positions the loss keeps, in order
     for _ in range(MAX_STEPS):
-        loss = model(**batch.model_inputs()).loss
-        if loss.item() < LEARNED_LOSS:
+        output = model(**batch.model_inputs())
+        # every reply token the most likely one (a mean loss hides a few wrong first tokens), with some margin
+        predicted = output.logits.argmax(-1) == targets
+        if bool(predicted[targets != IGNORE_INDEX].all()) and output.loss.item() < LEARNED_LOSS:
             break
         optimizer.zero_grad()
-        loss.backward()
+        output.loss.backward()
         optimizer.step()
     else:
-        raise RuntimeError(f"the planted replies were not learned in {MAX_STEPS} steps (loss {loss.item():.3f})")
+        raise RuntimeError(f"the planted replies were not learned in {MAX_STEPS} steps (loss {output.loss.item():.3f})")
     for parameter in learning:
         parameter.requires_grad_(False)
     state = trainable_state_dict(model, include=frozen)

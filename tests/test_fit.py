@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted import assert_figures_vary
 
 from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.fit import SafetyCLI, main
@@ -63,8 +64,7 @@ def test_tiny_fit_trains_and_logs_safety_metrics_every_epoch(tmp_path, capsys, p
     logged = [{name: float(row[name]) for name in metrics} for row, (_, metrics) in zip(safety_rows, callback.history)]
     assert logged == [metrics for _, metrics in callback.history]
     assert [row["step"] for row in safety_rows] == ["0", "8", "16"]
-    assert len({json.dumps(figures, sort_keys=True) for figures in logged}) == 3, "training moves the figures"
-    assert all(len({v for k, v in figures.items() if k.count("/") == 2}) > 2 for figures in logged)
+    assert_figures_vary(callback.history)
     assert any(r["train/loss"] for r in rows)
     assert (log_dir / "config.yaml").read_text().count("rejection_ratio: 0.5") == 1
     assert "safety/asr/demo_text" in capsys.readouterr().out, "the before/after table is printed at the end"

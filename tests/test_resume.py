@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from planted import assert_figures_vary
 
 from mllm_safety.data.curated import CuratedConfig
 from mllm_safety.data.datamodule import SafetyDataModule
@@ -123,17 +124,6 @@ def trainable_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 def read_record(path: Path) -> list[tuple[int, list[str]]]:
     return [(int(step), ids) for step, *ids in (line.split() for line in path.read_text().splitlines())]
-
-
-def assert_figures_vary(history: list[tuple[str, dict[str, float]]]) -> None:
-    """What a comparison of safety tables needs to mean something: the planted model's figures differ between sets
-    (some neither 0 nor 1), and every evaluation's table differs from the others, so weights evaluated at the wrong
-    time give another table."""
-    (_, before), *_ = history
-    headline = {name: value for name, value in before.items() if name.count("/") == 2}
-    assert len(set(headline.values())) > 2 and any(0 < v < 1 for v in headline.values()), headline
-    tables = [json.dumps(metrics, sort_keys=True) for _, metrics in history]
-    assert len(set(tables)) == len(tables), "training moves the figures at every evaluation"
 
 
 @pytest.fixture(scope="module")
