@@ -15,9 +15,9 @@ from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.generation import GenerationSettings
 from mllm_safety.evaluation.registry import BenchmarkSpec
 
-SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=4, do_sample=True, temperature=1.0, seed=1)
+SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=4, do_sample=True, temperature=1.3, seed=1)
 """Sampled: the DDP test then also shows sampling seeded per prompt gives the same replies on 2 ranks as on 1. At
-temperature 1 the planted model's replies, and so its figures, depend on each prompt's noise."""
+temperature 1.3 the planted model's replies, and so its figures, depend on each prompt's noise."""
 
 
 def fit_tiny(out: Path, devices: int, callback: SafetyEvalCallback, accumulate: int = 1) -> L.Trainer:

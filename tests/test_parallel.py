@@ -52,7 +52,10 @@ def run_script(out: Path, *args: str) -> dict:
     return torch.load(out / "result.pt", weights_only=True)
 
 
-def assert_same_weights(a: dict, b: dict, projector: str = "projector", atol: float = 1e-5) -> None:
+def assert_same_weights(a: dict, b: dict, projector: str = "projector", atol: float = 1e-4) -> None:
+    """Equal up to float noise: Adam divides by the root of tiny second moments, so a weight whose gradients are
+    near zero moves by up to ~4e-5 apart under FSDP2's other summation order (the first gradients, compared exactly
+    elsewhere, agree to 1e-7); one missed or doubled step moves weights by about the learning rate, 1e-2."""
     assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any(projector in k for k in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=name)
@@ -137,7 +140,9 @@ def test_evaluate_reads_what_fsdp2_wrote_and_reports_the_figures_of_training(run
     for checkpoint in (checkpoints / "epoch=1-step=4.ckpt", checkpoints / "trainable.safetensors"):
         args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--output", str(tmp_path / checkpoint.name)]
         figures = evaluate_main([*args, "--eval.benchmarks", benchmarks, *settings, "--trainer.accelerator", "cpu"])
-        assert {f"safety/{name}": value for name, value in figures["xstest"].items()} == in_training, checkpoint.name
+        safety = {f"safety/{name}": value for name, value in figures["xstest"].items()}
+        utility = {f"utility/{s}/{m}": value for s, scores in figures["utility"].items() for m, value in scores.items()}
+        assert safety | utility == in_training, checkpoint.name
         module = EvaluateCLI(["--config", str(config), "--output", str(tmp_path)]).model
         load_checkpoint_weights(module, checkpoint)
         assert_same_weights({name: p for name, p in module.named_parameters() if name in trainable}, trainable)
