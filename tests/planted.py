@@ -3,8 +3,8 @@
 The random tiny model of ``configs/tiny.yaml`` answers every prompt with the same run of tokens, so every ASR is 1.0
 and every over-refusal 0.0, before and after training: a test comparing two runs' figures or replies passes whatever
 the code does. This model has the same architecture (SmolLM2's tokenizer, 2 narrow layers, the tiny ViT, LoRA r=4)
-but its LLM and projector were trained on the demo prompts the tests evaluate, answers and the paper's rejection
-sentence in turn, so replies and keyword verdicts differ from prompt to prompt and from set to set. At
+but its LLM and projector were trained on the demo prompts the tests evaluate, some answered and some given the
+paper's rejection sentence, so replies and keyword verdicts differ from prompt to prompt and from set to set. At
 ``configs/tiny.yaml``'s learning rate each epoch of LoRA training moves its figures, so evaluations differ too.
 
 The weights are trained once per test session (about 30 s on 2 cores) into ``$MLLM_SAFETY_CACHE`` (conftest.py makes
@@ -39,8 +39,6 @@ ANSWERS = ("Sure, here are the steps.", "Here is a short story about it.", "It i
 MAX_STEPS = 300
 LEARNED_LOSS = 0.05
 LEARNING_RATE = 1e-2
-
-
 REFUSED_AT = frozenset({6, 7, 12, 18, 21, 27})
 """Positions (in a whole demo set of 36) refused; the others answered. Chosen so that the prompts of every limit in
 :data:`PLANTED_LIMITS` (limit 2 picks positions 0 and 18, limit 3 picks 0, 12, 24, ...) mix answers and refusals."""
