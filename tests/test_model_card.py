@@ -6,19 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safety_fixtures import write_figstep
+from test_trainable import LORA, finetuned
 
 from mllm_safety.evaluate import main as evaluate_main
 from mllm_safety.export import main as export_main
-from mllm_safety.model.llava_hf import load_llava_hf
-from mllm_safety.model.lora import LoraSettings, apply_lora
 from mllm_safety.model.trainable import save_trainable, trainable_state_dict
 from mllm_safety.model_card import base_license, read_evaluation
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
-LORA = LoraSettings(r=4, alpha=8, dropout=0.0)  # tiny.yaml's
 RECIPE = ["--data.rejection_ratio=0.17", "--data.rejection.sentence=No, not that.", "--trainer.max_epochs=5"]
 RECIPE += ["--seed_everything=7", "--model.lora.dropout=0.25", "--data.mixture={llava: 50, med: 20}"]
 """Recipe values none of which is tiny.yaml's or a default, so the card can only have them from the config."""
@@ -33,15 +30,7 @@ def run_args(path: str, checkpoint: Path) -> list[str]:
 @pytest.fixture
 def checkpoint(tiny_llava_path, tmp_path) -> Path:
     """A checkpoint of a run of the tiny llava-hf folder: LoRA and projector moved, as after training."""
-    model = load_llava_hf(tiny_llava_path)
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    model.llm = apply_lora(model.llm, LORA)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
+    model = finetuned(tiny_llava_path)
     file = tmp_path / "trainable.safetensors"
     save_trainable(file, trainable_state_dict(model), lora=LORA)
     return file
