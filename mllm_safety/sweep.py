@@ -28,6 +28,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
+from mllm_safety.evaluation.callback import SafetyEvalCallback
 
 ASR_METRIC = "safety/asr/mean"
 """The mean attack success over the harmful eval sets, as ``SafetyEvalCallback`` logs it (and the W&B sweep's metric
@@ -49,7 +50,11 @@ class WriteFinalMetrics(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+            # A run resumed with nothing left to train (killed after its last checkpoint, before this hook) logs
+            # nothing; its last evaluation is in the history the safety callback restored from the checkpoint.
+            last = [c.history[-1][1] for c in trainer.callbacks if isinstance(c, SafetyEvalCallback) and c.history]
+            logged = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+            metrics = {name: value for figures in last for name, value in figures.items()} | logged
             Path(self.path).write_text(json.dumps(metrics, indent=1, sort_keys=True))
 
 
@@ -83,7 +88,10 @@ def run_fit(fit_config: str, ratio: float, seed: int, run_dir: Path) -> dict[str
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0 or not metrics_path.is_file():
         raise RuntimeError(f"{run_dir.name} failed (exit {result.returncode}); see {run_dir / 'fit.log'}")
-    return json.loads(metrics_path.read_text())
+    metrics = json.loads(metrics_path.read_text())
+    if ASR_METRIC not in metrics:
+        raise RuntimeError(f"{run_dir.name} ended without a safety evaluation ({ASR_METRIC}); see {run_dir}/fit.log")
+    return metrics
 
 
 def write_csv(rows: list[dict[str, float]], path: Path) -> None:

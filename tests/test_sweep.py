@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path, monkeypatch):
+def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path, monkeypatch, planted_weights):
     argv = ["--config", TINY, "--sweep.ratios", "[0, 0.5]", "--output", str(tmp_path), "--trainer.max_steps", "2"]
+    argv += ["--model.init_weights", json.dumps([planted_weights])]  # figures that differ from set to set
     rows = sweep.main([*argv, "--trainer.logger", "false"])
     assert [(row["ratio"], row["seed"]) for row in rows] == [(0.0, 0), (0.5, 0)]
     with open(tmp_path / "results.csv") as f:
@@ -41,6 +43,17 @@ def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep.subprocess, "run", refuse)
     assert sweep.main([*argv, "--trainer.logger", "false"]) == rows
+
+    # a run killed after its last checkpoint, before it wrote its metrics: resumed, it trains nothing and reports the
+    # evaluation its checkpoint holds (the planted model's figures differ from set to set)
+    monkeypatch.undo()
+    assert len({v for k, v in rows[1].items() if k.startswith("safety/")}) > 2
+    (tmp_path / sweep.run_name(0.5, 0) / sweep.METRICS_FILE).unlink()
+    again = sweep.main([*argv, "--trainer.logger", "false"])
+    assert {k: v for k, v in again[1].items() if k.startswith(("safety/", "utility/"))} == {
+        k: v for k, v in rows[1].items() if k.startswith(("safety/", "utility/"))
+    }
+    assert sweep.ASR_METRIC in again[1] and "train/loss" not in again[1], "resumed, nothing trained again"
 
 
 def test_summary_is_mean_and_range_over_seeds(tmp_path):
