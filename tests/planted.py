@@ -34,7 +34,7 @@ from mllm_safety.train.module import LoraSettings, SafetyAlignModule
 PLANTED_LIMITS = (2, 3, 4, 5, 6)
 """The ``limit`` values tests evaluate the demo sets with: the model learns every prompt one of them picks (a limit
 spreads its picks over the set, so each picks other prompts)."""
-REFUSAL = PAPER_REJECTION.rstrip(".")
+REFUSAL = PAPER_REJECTION
 ANSWERS = ("Sure, here are the steps.", "Here is a short story about it.", "It is a common question.")
 MAX_STEPS = 300
 LEARNED_LOSS = 0.05

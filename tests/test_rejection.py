@@ -93,7 +93,14 @@ def test_reply_pool_is_sampled_per_sample_and_fixed_by_seed_and_id():
 def test_reply_with_a_short_reason():
     config = RejectionConfig(reply="reason", reasons=["It is unsafe.", "It could hurt someone."])
     replies = {RejectionSwap(1.0, config)(conversation(f"s{k}")).turns[0][1] for k in range(50)}
-    assert replies == {f"{PAPER_REJECTION} It is unsafe.", f"{PAPER_REJECTION} It could hurt someone."}
+    assert replies == {f"{PAPER_REJECTION}. It is unsafe.", f"{PAPER_REJECTION}. It could hurt someone."}
+    stated = RejectionConfig(reply="reason", sentence="No!", reasons=["It is unsafe."])
+    assert stated.reply_for("a") == "No! It is unsafe.", "a sentence with its own end keeps it"
+
+
+def test_the_default_sentence_is_the_papers_exactly():
+    """The default ``--reply`` of the paper's ``utils/mix_rejection_data.py``, without a final period."""
+    assert RejectionConfig().reply_for("a") == "I'm sorry, but I cannot assist with your request"
 
 
 @pytest.mark.parametrize("mode", ["blank", "noise", "other", "drop"])

@@ -17,7 +17,8 @@ from mllm_safety.data.conversation import Conversation
 from mllm_safety.data.selection import stable_uniform
 from mllm_safety.data.turns import TurnChoice, turn_index
 
-PAPER_REJECTION = "I'm sorry, but I cannot assist with your request."
+PAPER_REJECTION = "I'm sorry, but I cannot assist with your request"
+"""The paper's sentence, without a final period: the default ``--reply`` of its ``utils/mix_rejection_data.py``."""
 REFUSAL_POOL = (
     PAPER_REJECTION,
     "I'm sorry, but I can't help with that.",
@@ -85,7 +86,10 @@ class RejectionConfig:
             return self.sentence
         choices = self.pool if self.reply == "pool" else self.reasons
         choice = choices[int(stable_uniform("reply", self.seed, sample_id) * len(choices))]
-        return choice if self.reply == "pool" else f"{self.sentence} {choice}"
+        if self.reply == "pool":
+            return choice
+        # the paper's sentence has no final period; a reason after it starts a new sentence
+        return f"{self.sentence} {choice}" if self.sentence.rstrip()[-1] in ".!?" else f"{self.sentence}. {choice}"
 
 
 class RejectionSwap:
