@@ -13,6 +13,7 @@ that a temporary folder per session); subprocesses of the suite inherit the vari
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,8 +84,10 @@ def tiny_architecture(init_weights: list[str] | None = None) -> SafetyAlignModul
 
 
 def planted_weights() -> Path:
-    """The planted weights file (every frozen weight of the tiny model), trained on first use in this cache."""
-    path = cache_dir() / "tests" / "planted-tiny.safetensors"
+    """The planted weights file (every frozen weight of the tiny model), trained on first use in this cache; named by
+    this module's source, so a cache kept between sessions (``MLLM_SAFETY_TESTS_CACHE``) never serves an old recipe."""
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    path = cache_dir() / "tests" / f"planted-tiny-{recipe}.safetensors"
     if not path.exists():
         _train(path)
     return path
