@@ -92,8 +92,8 @@ class Generation:
 class Reply:
     text: str
     """The reply: the new tokens decoded without special tokens, stripped."""
-    paper_view: str
-    """The same tokens as the paper's scripts judged them (:func:`paper_view`)."""
+    tokens: list[int]
+    """The new tokens (padding included), for :func:`paper_view` where a set's protocol asks for it."""
 
 
 PAPER_VIEW_SLICE = slice(4, -4)
@@ -164,7 +164,7 @@ def generate_replies(
     )
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     rows = new_tokens.tolist()
-    return [Reply(t.strip(), paper_view(tokenizer, row, processor.stop_token_ids)) for t, row in zip(texts, rows)]
+    return [Reply(text.strip(), row) for text, row in zip(texts, rows)]
 
 
 def generate_for_rank(
@@ -224,7 +224,9 @@ def _generate_group(
             keys.append("<filler>")
         replies = generate_replies(module, samples, settings, keys)
         for row, index in kept:
-            view = replies[row].paper_view if prompts[index].set_name in viewed else None
+            view = None
+            if prompts[index].set_name in viewed:  # decoded again only where the protocol reports the paper's view
+                view = paper_view(processor.tokenizer, replies[row].tokens, processor.stop_token_ids)
             out.append(Generation(index, prompts[index], replies[row].text, paper_view=view))
         if rank == 0 and (number + 1) % max(1, num_batches // 10) == 0:
             log.info("evaluation: batch %d of %d on each rank (%d prompts)", number + 1, num_batches, len(indices))
