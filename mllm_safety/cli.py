@@ -13,6 +13,7 @@ a run, takes its own options with the same ``--config``, ``--print_config`` and 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -98,6 +99,14 @@ class RunCLI(LightningCLI):
             return None
         log.warning("using the newest checkpoint of the run: %s", newest)
         return str(newest)
+
+
+def sweep_run_folder(root: str | Path) -> Path:
+    """Where a run rooted at ``root`` keeps its files: under a W&B sweep agent (``WANDB_SWEEP_ID`` and
+    ``WANDB_RUN_ID`` set) ``root/sweep-<SWEEP_ID>/<RUN_ID>``, since grid points of one config must not share (and
+    overwrite) checkpoints; else ``root``."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return Path(root) / f"sweep-{sweep}" / run if sweep and run else Path(root)
 
 
 def run_folders(root: Path, dirpaths: list[str | None]) -> list[Path]:

@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from mllm_safety.cli import RunCLI, own_checkpoint_dirs, run_folders
+from mllm_safety.cli import RunCLI, own_checkpoint_dirs, run_folders, sweep_run_folder
 from mllm_safety.train.resume import ExactResume, SameRunSettings
 from mllm_safety.train.slurm import JobRequeued
 
@@ -66,13 +66,12 @@ class SafetyCLI(RunCLI):
     )
 
     def before_instantiate_classes(self) -> None:
-        """Under a W&B sweep agent (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set), each run gets its own folder below
-        ``trainer.default_root_dir``: grid points of one config must not share (and overwrite) checkpoints."""
-        sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        """Under a W&B sweep agent each run gets its own folder below ``trainer.default_root_dir``
+        (:func:`~mllm_safety.cli.sweep_run_folder`)."""
         root = self.config.trainer.default_root_dir
-        if sweep and run and root is not None:
-            self.config.trainer.default_root_dir = str(Path(root) / f"sweep-{sweep}" / run)
-            log.warning("W&B sweep run %s: its folder is %s", run, self.config.trainer.default_root_dir)
+        if root is not None and (folder := sweep_run_folder(root)) != Path(root):
+            self.config.trainer.default_root_dir = str(folder)
+            log.warning("W&B sweep run %s: its folder is %s", os.environ["WANDB_RUN_ID"], folder)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -21,10 +21,12 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
@@ -62,8 +64,10 @@ def run_name(ratio: float, seed: int) -> str:
     return f"ratio-{ratio:g}_seed-{seed}"
 
 
-def run_fit(fit_config: str, ratio: float, seed: int, run_dir: Path) -> dict[str, float]:
-    """One training run in a subprocess (a clean process per run, as on a cluster); its final metrics."""
+def run_fit(fit_config: str, run_dir: Path, args: Sequence[str] = (), require: str | None = ASR_METRIC) -> dict:
+    """One training run of ``fit_config`` (plus ``args``) in a subprocess (a clean process per run, as on a cluster),
+    in ``run_dir``; its final metrics. A run whose metrics exist is not run again; an interrupted one resumes its
+    newest checkpoint. ``require``: a figure the metrics must hold (the sweep's ASR)."""
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
@@ -73,10 +77,7 @@ def run_fit(fit_config: str, ratio: float, seed: int, run_dir: Path) -> dict[str
         "mllm_safety.fit",
         "--config",
         fit_config,
-        "--data.rejection_ratio",
-        str(ratio),
-        "--seed_everything",
-        str(seed),
+        *args,
         "--trainer.default_root_dir",
         str(run_dir),
         "--ckpt_path",
@@ -89,9 +90,20 @@ def run_fit(fit_config: str, ratio: float, seed: int, run_dir: Path) -> dict[str
     if result.returncode != 0 or not metrics_path.is_file():
         raise RuntimeError(f"{run_dir.name} failed (exit {result.returncode}); see {run_dir / 'fit.log'}")
     metrics = json.loads(metrics_path.read_text())
-    if ASR_METRIC not in metrics:
-        raise RuntimeError(f"{run_dir.name} ended without a safety evaluation ({ASR_METRIC}); see {run_dir}/fit.log")
+    if require is not None and require not in metrics:
+        raise RuntimeError(f"{run_dir.name} ended without a safety evaluation ({require}); see {run_dir}/fit.log")
     return metrics
+
+
+def write_run_config(cli: RunCLI, config: Namespace, path: Path, drop: Sequence[str]) -> str:
+    """``config`` (parsed by ``cli``'s parser) without the entry point's own keys ``drop``, written as the fit config
+    file a run reads."""
+    config = config.clone()
+    for key in (*drop, "ckpt_path", "config"):
+        config.pop(key, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cli.parser.dump(config, skip_check=True), encoding="utf-8")
+    return str(path)
 
 
 def write_csv(rows: list[dict[str, float]], path: Path) -> None:
@@ -190,13 +202,7 @@ class SweepCLI(RunCLI):
 
     def write_fit_config(self, run_dir: Path) -> str:
         """The resolved fit config (without the sweep's own options) for one run, as the file its fit reads."""
-        config = self.config.clone()
-        for key in ("sweep", "output", "ckpt_path", "config"):
-            config.pop(key, None)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "fit_config.yaml"
-        path.write_text(self.parser.dump(config, skip_check=True), encoding="utf-8")
-        return str(path)
+        return write_run_config(self, self.config, run_dir / "fit_config.yaml", ("sweep", "output"))
 
 
 def main(args: list[str] | None = None) -> list[dict[str, float]]:
@@ -208,7 +214,8 @@ def main(args: list[str] | None = None) -> list[dict[str, float]]:
             name = run_name(ratio, seed)
             print(f"[sweep] {name}", flush=True)
             try:
-                metrics = run_fit(cli.write_fit_config(output / name), ratio, seed, output / name)
+                grid_point = ["--data.rejection_ratio", str(ratio), "--seed_everything", str(seed)]
+                metrics = run_fit(cli.write_fit_config(output / name), output / name, grid_point)
             except RuntimeError as error:
                 failures.append(str(error))
                 print(f"[sweep] {error}", flush=True)

@@ -1,0 +1,3 @@
+from mllm_safety.experiments.runner import main
+
+main()
