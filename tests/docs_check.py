@@ -45,6 +45,7 @@ RUN_CLIS = {
     "mllm_safety.evaluate": "mllm_safety.evaluate:EvaluateCLI",
     "mllm_safety.export": "mllm_safety.export:ExportCLI",
     "mllm_safety.sweep": "mllm_safety.sweep:SweepCLI",
+    "mllm_safety.experiments": "mllm_safety.experiments.runner:ExperimentsCLI",
 }
 """Entry points built on :class:`mllm_safety.cli.RunCLI` (LightningCLI): module -> its CLI class."""
 AUTO_CLIS = {

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
 from data_helpers import write_source
 from PIL import Image
@@ -117,6 +118,20 @@ def test_the_grid_runs_each_experiment_writes_one_row_each_and_skips_finished_on
     with open(output / "comparison.csv") as handle:
         assert list(csv.DictReader(handle)) == table
 
+    # under a W&B sweep agent (one experiment per run), the row's figures go into the sweep run's summary
+    class SweepRun:
+        def __init__(self):
+            self.summary = {}
+
+        def finish(self):
+            logged.append(self.summary)
+
+    logged = []
+    monkeypatch.setenv("WANDB_SWEEP_ID", "grid1")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: SweepRun())
+    runner.main([*argv, "--experiments=med_swap", "--table", "false"])
+    assert len(logged) == 1 and logged[0] == pytest.approx({t: float(table[2][t]) for t in titles}, abs=1e-5)
+
     # an experiment trained but not evaluated (killed in between) is evaluated again, not trained again
     monkeypatch.undo()
     (output / "med_swap" / runner.FINISHED_FILE).unlink()
@@ -129,7 +144,7 @@ def test_the_grid_runs_each_experiment_writes_one_row_each_and_skips_finished_on
         return real_run(command, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", record)
-    assert runner.main([*argv, "--experiments", "med_swap,no_finetuning"]) == [rows[2], rows[0]]
+    assert runner.main([*argv, "--experiments", "med_swap,no_finetuning", "--table", "false"]) == [rows[2], rows[0]]
     assert started == ["mllm_safety.evaluate"]
 
 
@@ -148,10 +163,11 @@ def test_unknown_experiments_and_bad_grids_stop_before_anything_runs(tmp_path, c
     assert not any(tmp_path.glob("*/fit_config.yaml")), "nothing ran"
 
 
-def test_every_paper_experiment_reads_as_a_fit_config_over_any_model():
+def test_every_paper_experiment_reads_as_a_fit_config_over_any_model(tmp_path):
     grid = load_grid(PAPER / "grid.yaml")
     assert {"no_finetuning", "mix665k", "vlguard", "med_swap"} <= set(grid.experiments)
-    cli = runner.ExperimentsCLI(["--config", str(ROOT / "configs" / "llava15_7b_lora.yaml")])
+    base = ["--config", str(ROOT / "configs" / "llava15_7b_lora.yaml")]
+    cli = runner.ExperimentsCLI(base)
     data = {name: config.data for name, config in cli.experiment_configs.items()}
     assert data["vlguard"].mixture == {"vlguard": None, "llava": 5000} and data["vlguard"].curated.turns == "random"
     assert data["med_swap"].mixture == {"med": 2000, "llava": 5000} and data["med_swap"].rejection_ratio == 1.0
@@ -168,10 +184,11 @@ def test_every_paper_experiment_reads_as_a_fit_config_over_any_model():
         1.0,
     ]
     assert all(config.model.llava.path == "llava-hf/llava-1.5-7b-hf" for config in cli.experiment_configs.values())
-    other = runner.ExperimentsCLI(
-        ["--config", str(ROOT / "configs" / "llava15_7b_lora.yaml"), "--model.llava.path", "/models/llava-1.5-13b-hf"]
-    )
+    model = tmp_path / "model.yaml"  # another model for every experiment: a model-only config file
+    model.write_text(yaml.safe_dump({"llava": {"path": "/models/llava-1.5-13b-hf"}, "max_length": 1024}))
+    other = runner.ExperimentsCLI([*base, "--model", str(model)])
     assert {c.model.llava.path for c in other.experiment_configs.values()} == {"/models/llava-1.5-13b-hf"}
+    assert {c.model.lora.r for c in other.experiment_configs.values()} == {128}, "the rest of the base recipe stays"
 
 
 def test_slurm_array_runs_one_experiment_per_task_then_the_table(tmp_path, monkeypatch):

@@ -38,9 +38,9 @@ class Row:
 
 
 def read_row(name: str, grid: Grid, report_path: Path, status: str) -> Row:
-    """One experiment's row; its figures are empty unless its report exists."""
+    """One experiment's row; its figures are empty unless it finished (a failed rerun's old report is not shown)."""
     figures: list[float | None] = [None] * len(grid.columns)
-    if report_path.is_file():
+    if status == FINISHED:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         figures = [read_figure(report, column) for column in grid.columns]
     return Row(name, grid.experiments[name].description, status, figures)
