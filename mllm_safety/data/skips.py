@@ -21,8 +21,9 @@ from mllm_safety.data.conversation import SKIP_REASONS
 MIN_SAMPLES = 200
 """Samples seen (over all ranks) before the share is judged. At the default 1% a share needs room for a few skips to
 tell a systematic loss from a stray bad file: 200 samples allow 2, and a clean set with 0.1% bad files would pass
-with probability 0.999 (Poisson, mean 0.2). Each worker reads its shuffle buffer (256 by default) before its first
-batch, so a run that drops most of its data is judged at its first step."""
+with probability 0.999 (Poisson, mean 0.2). A worker gathers 16 batches of usable samples (``data.group_buffer``)
+before its first batch, reading on past every skipped one, so a run that drops most of its data is judged at its
+first step."""
 
 SEEN = "seen"
 """``Batch.stats`` key of the samples read (kept or skipped, and those lost to a damaged shard)."""
