@@ -9,8 +9,9 @@ import yaml
 from mllm_safety.fit import main
 
 
-def resolved_paper_config(config: Path, capsys) -> dict:
-    """``config`` as fit's CLI resolves it, after checking the recipe that every model family shares."""
+def resolved_paper_config(config: Path, capsys, max_length: int = 2048) -> dict:
+    """``config`` as fit's CLI resolves it, after checking the recipe that every model family shares (``max_length``:
+    the paper's 2048, or what the family's image tokens need)."""
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -19,7 +20,7 @@ def resolved_paper_config(config: Path, capsys) -> dict:
     assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 128
     assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 3
     assert model["lora"] == {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": "all-linear"}
-    assert model["optim"]["lr"] == 2e-4 and model["optim"]["warmup_ratio"] == 0.03 and model["max_length"] == 2048
+    assert model["optim"]["lr"] == 2e-4 and model["optim"]["warmup_ratio"] == 0.03 and model["max_length"] == max_length
     return resolved
 
 

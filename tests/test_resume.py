@@ -259,7 +259,9 @@ def test_resuming_with_other_model_or_data_settings_stops_naming_them(tmp_path, 
 
 
 def test_every_data_option_that_changes_the_samples_is_compared_on_resume():
-    assert set(inspect.signature(SafetyDataModule).parameters) - set(RUN_DATA_SETTINGS) == {"skip_bad_samples"}
+    # neither changes the samples trained on: they decide whether a run stops (a stopped run resumes with a new share)
+    not_compared = {"skip_bad_samples", "max_skipped_share"}
+    assert set(inspect.signature(SafetyDataModule).parameters) - set(RUN_DATA_SETTINGS) == not_compared
     saved, now = ({"data": {"curated": asdict(CuratedConfig(reply=reply))}} for reply in ("keep", "fixed"))
     assert flatten(saved) != flatten(now)
     with pytest.raises(ValueError, match="data.curated.reply: checkpoint 'keep', now 'fixed'"):

@@ -38,6 +38,10 @@ def _cut(pool: list[T], batch_size: int, length: Callable[[T], int], rng: random
     return full + [b for b in batches if len(b) < batch_size]
 
 
+class NothingUsable(RuntimeError):
+    """A stream whose every sample was skipped: it has nothing to fill its batches with."""
+
+
 def exact_batches(batches: Iterable[list[T]], num_batches: int, batch_size: int) -> Iterator[tuple[list[T], int]]:
     """Exactly ``num_batches`` full batches, each with how many of its items are repeats.
 
@@ -57,7 +61,7 @@ def exact_batches(batches: Iterable[list[T]], num_batches: int, batch_size: int)
         if emitted == num_batches:
             return
     if emitted < num_batches and not recent:
-        raise RuntimeError("the stream gave no usable sample to fill its batches (all its samples were skipped)")
+        raise NothingUsable("the stream gave no usable sample to fill its batches (all its samples were skipped)")
     for _ in range(num_batches - emitted):
         yield _repeat(recent, batch_size), batch_size
 

@@ -16,6 +16,7 @@ from mllm_safety.data.processor import Batch, Processor
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
 from mllm_safety.data.selection import eligible_ids, select_samples
 from mllm_safety.data.shards import ShardSlice, expand_shards, first_images, manifest_entries
+from mllm_safety.data.skips import SkipShareGuard
 from mllm_safety.data.streaming import EpochLoader, ShardStream, StreamMode, StreamPosition
 from mllm_safety.data.synthetic import ensure_demo_shards
 from mllm_safety.world.samples import WorldData, ensure_world_shards
@@ -48,6 +49,7 @@ class SafetyDataModule(L.LightningDataModule):
         group_buffer: int = 16,
         seed: int = 0,
         skip_bad_samples: bool = True,
+        max_skipped_share: float = 0.01,
         demo_samples: int = 512,
         donor_images: int = 64,
         world: WorldData | None = None,
@@ -76,6 +78,9 @@ class SafetyDataModule(L.LightningDataModule):
             seed: Seed of the mixture, shard order and sample shuffling (varied per epoch).
             skip_bad_samples: Skip and count samples that cannot be used (bad JSON or image, no reply, too long,
                 damaged shard), logged as ``data/skipped_<reason>``, instead of stopping the run.
+            max_skipped_share: The largest share of the samples seen that one skip reason may take, summed over
+                workers and ranks; past it the run stops, naming the reason, an example and the fix. Judged once
+                200 samples were seen, then at the end of every epoch. ``1`` never stops.
             demo_samples: Size of the generated demo set when ``train_shards`` is ``None``.
             donor_images: Images collected from the data for ``rejection.image: other``.
             world: Generate one of the world's training sets instead (``mllm_safety.world``: ``{kind, samples,
@@ -86,6 +91,7 @@ class SafetyDataModule(L.LightningDataModule):
         self.rejection_ratio = rejection_ratio
         self.curated = curated
         RejectionSwap(rejection_ratio, self.rejection)  # fail at configuration time, not after the model loads
+        self.skip_guard = SkipShareGuard(max_skipped_share)
         problems = [
             f"{name} must be >= {low}, got {value}"
             for name, value, low in (
@@ -236,7 +242,15 @@ class SafetyDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         if self.trainer.training:
             self.position.batches += 1  # this batch goes into a training step
+            self._judge_skips(batch)
         return batch
+
+    def _judge_skips(self, batch: Batch) -> None:
+        """Add the batch's skip counts and, at the batches every rank judges alike, stop a run losing too much."""
+        self.skip_guard.add(batch.stats, batch.skip_examples)
+        if self.skip_guard.due(epoch_ends=self.position.batches >= self.trainer.num_training_batches):
+            strategy = self.trainer.strategy
+            self.skip_guard.check(lambda counts: strategy.reduce(counts, reduce_op="sum"), strategy.root_device)
 
     def state_dict(self) -> dict[str, int]:
         """The stream position, saved in checkpoints so that a restarted run continues exactly where this one was."""

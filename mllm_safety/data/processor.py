@@ -40,8 +40,11 @@ class Batch:
     """Model-specific inputs beside ids and pixels, passed to the model by name: ``image_grid_thw`` and
     ``mm_token_type_ids`` (Qwen2.5-VL), ``image_sizes`` (LLaVA-NeXT), ``pixel_attention_mask`` (Idefics3)."""
     stats: dict[str, int] = field(default_factory=dict)
-    """Data-pipeline counts since the previous batch of the same worker (``skipped_<reason>``, ``repeated``), for
-    the trainer to log; the same keys on every rank."""
+    """Data-pipeline counts since the previous batch of the same worker (``seen``, ``skipped_<reason>``,
+    ``repeated``), for the trainer to log and judge; the same keys on every rank."""
+    skip_examples: dict[str, str] = field(default_factory=dict)
+    """One skipped sample per reason since the previous batch of the same worker, named for the error that stops a
+    run skipping too many (``mllm_safety.data.skips``)."""
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory=True``)."""

@@ -24,10 +24,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mllm_safety.data.batching import exact_batches, length_grouped_batches
-from mllm_safety.data.conversation import SKIP_REASONS, Conversation, SampleError
+from mllm_safety.data.batching import NothingUsable, exact_batches, length_grouped_batches
+from mllm_safety.data.conversation import Conversation, SampleError
 from mllm_safety.data.processor import Batch, ModelSample, Processor
 from mllm_safety.data.shards import ShardSlice, decode_sample, read_slice
+from mllm_safety.data.skips import SKIP_FIXES, SkipTally
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,16 @@ class SampleStream:
         processor: Processor,
         transform: Transform,
         skip_bad_samples: bool,
-        skipped: Counter[str] | None = None,
+        tally: SkipTally | None = None,
     ) -> None:
         self.processor = processor
         self.transform = transform
         self.skip_bad_samples = skip_bad_samples
-        self.skipped: Counter[str] = Counter() if skipped is None else skipped
+        self.tally = SkipTally() if tally is None else tally
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.tally.skipped
 
     def process(self, raw: dict) -> ModelSample:
         conversation = decode_sample(raw)
@@ -63,15 +68,32 @@ class SampleStream:
 
     def __call__(self, raws: Iterator[dict]) -> Iterator[ModelSample]:
         for raw in raws:
+            self.tally.seen += 1
             try:
                 yield self.process(raw)
             except SampleError as error:
                 if not self.skip_bad_samples:
                     raise
-                self.skipped[error.reason] += 1
+                self.tally.skip(error.reason, _example(error, raw))
                 log.warning(
                     "skipped %s (%s so far in this worker: %d)", error, error.reason, self.skipped[error.reason]
                 )
+
+
+def _example(error: SampleError, raw: dict) -> str:
+    """The skipped sample as the error names it, with where it is stored when the error does not say."""
+    where = f"{raw.get('__key__')} in {raw.get('__url__')}"
+    return str(error) if where in str(error) else f"{error} [{where}]"
+
+
+def read_counted(pieces: Iterator[ShardSlice], tally: SkipTally) -> Iterator[dict]:
+    """The raw samples of ``pieces``; those a damaged shard could not deliver are counted as seen and skipped."""
+    for piece in pieces:
+        lost = Counter()
+        yield from read_slice(piece, lost)
+        if lost["corrupt_tar"]:
+            tally.seen += lost["corrupt_tar"]
+            tally.skip("corrupt_tar", f"shard {piece.path}", lost["corrupt_tar"])
 
 
 def exact_slices(pieces: list[ShardSlice], epoch: int, seed: int, num_slots: int, slot: int) -> list[ShardSlice]:
@@ -170,16 +192,16 @@ class ShardStream(IterableDataset):
             )
         slot = self.rank * self.workers_per_rank + (worker.id if worker is not None else 0)
         epoch = int(self._epoch)
-        skipped: Counter[str] = Counter()
+        tally = SkipTally()
         if self.mode == "exact":
             pieces = iter(exact_slices(self.pieces, epoch, self.seed, self.num_slots, slot))
         else:
             pieces = resampled_slices(self.pieces, epoch, self.seed, slot)
-        raws = (raw for piece in pieces for raw in read_slice(piece, skipped))
+        raws = read_counted(pieces, tally)
         if self.shuffle_buffer:
             rng = random.Random(f"samples/{self.seed}/{epoch}/{slot}")
             raws = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raws)
-        samples = SampleStream(self.processor, self.transform, self.skip_bad_samples, skipped)(raws)
+        samples = SampleStream(self.processor, self.transform, self.skip_bad_samples, tally)(raws)
         batches = length_grouped_batches(
             samples,
             self.batch_size,
@@ -187,11 +209,20 @@ class ShardStream(IterableDataset):
             lambda sample: len(sample.input_ids),
             random.Random(f"batches/{self.seed}/{epoch}/{slot}"),
         )
-        for items, repeated in exact_batches(batches, self.batches_per_slot, self.batch_size):
-            batch = self.processor.collate(items)
-            batch.stats = {f"skipped_{reason}": skipped.pop(reason, 0) for reason in SKIP_REASONS}
-            batch.stats["repeated"] = repeated
-            yield batch
+        try:
+            for items, repeated in exact_batches(batches, self.batches_per_slot, self.batch_size):
+                batch = self.processor.collate(items)
+                batch.stats, batch.skip_examples = tally.drain()
+                batch.stats["repeated"] = repeated
+                yield batch
+        except NothingUsable as error:
+            if not tally.skipped:
+                raise
+            reason, _ = tally.skipped.most_common(1)[0]
+            raise NothingUsable(
+                f"{error}: this worker read {tally.seen} samples and skipped {dict(tally.skipped)}, e.g. "
+                f"{tally.examples[reason]}. Fix: {SKIP_FIXES[reason]}"
+            ) from None
 
 
 @dataclass
