@@ -30,6 +30,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mllm_safety.model.chat_templates import named_chat_template
+from mllm_safety.model.legacy_processor import complete_legacy_processor
 from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
 from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
@@ -150,8 +151,20 @@ def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torc
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             raise ValueError(f"{path!r} lacks {len(missing)} weights of {cls.__name__}, e.g. {missing[:3]}")
+        check_no_unknown_weights(info, cls, path)
+    complete_legacy_processor(processor, model, path)
     blank = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
     return HubVLM(model, dict(blank), path), processor
+
+
+def check_no_unknown_weights(info: dict, cls: type, path: str) -> None:
+    """Weights ``from_pretrained`` read but did not place (a layout it does not rename) are an error, not dropped."""
+    unexpected = sorted(info["unexpected_keys"])
+    if unexpected:
+        raise ValueError(
+            f"{path!r} holds {len(unexpected)} weights it does not know as a {cls.__name__}, e.g. {unexpected[:3]}: "
+            "a file layout this transformers version does not map"
+        )
 
 
 def _tensor_sum(value: Any) -> torch.Tensor | float:

@@ -123,6 +123,12 @@ def _from_pretrained(path: str, dtype: torch.dtype | str, kwargs: dict[str, Any]
     missing = sorted(info["missing_keys"])
     if missing:
         raise ValueError(f"{path!r} lacks {len(missing)} weights of a LLaVA model, e.g. {missing[:3]}")
+    unexpected = sorted(info["unexpected_keys"])
+    if unexpected:
+        raise ValueError(
+            f"{path!r} holds {len(unexpected)} weights it does not know as a LLaVA model, e.g. {unexpected[:3]}: a "
+            "file layout this transformers version does not map"
+        )
     return llava
 
 
