@@ -78,12 +78,21 @@ class ExportCLI(RunCLI):
         self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=True)
         evaluation = self.config.evaluation
         self.report = read_evaluation(evaluation, self.ckpt_path) if evaluation is not None else None
-        # model.frozen_dtype saves training memory; an export loads the base weights exactly, folds LoRA in float32
-        # and casts once, to --dtype.
-        self.config.model.frozen_dtype = "float32"
+        self.dtype = export_dtype(self.config)
+        # The base weights load straight in the export's dtype (exact for the default, the checkpoint's own), so no
+        # float32 copy of the model is ever held; LoRA is folded in weight by weight (mllm_safety.model.export_weights).
+        self.config.model.frozen_dtype = str(self.dtype).removeprefix("torch.")
 
     def instantiate_classes(self) -> None:
         self.build_model()
+
+
+def export_dtype(config) -> torch.dtype:
+    """``--dtype``, or for ``auto`` the dtype the checkpoint training started from is stored in."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    model = config.model
+    return checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
 
 
 def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
@@ -94,8 +103,8 @@ def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
 
 
 def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) -> None:
-    """Write ``module``'s model, LoRA folded in and cast to ``dtype``, as a transformers folder in ``output``: the
-    checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
+    """Write ``module``'s model, LoRA folded in and cast to ``dtype`` (both in place), as a transformers folder in
+    ``output``: the checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
     if isinstance(module.model, HubVLM):
         save_hub_vlm(module.model, module.processor.hf_processor, output, dtype)
     else:
@@ -103,16 +112,11 @@ def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) ->
 
 
 def main(args: list[str] | None = None) -> SafetyAlignModule:
-    """Export a run; returns the module that was written (trained weights loaded)."""
+    """Export a run; returns the module that was written (trained weights loaded, LoRA folded in)."""
     cli = ExportCLI(args)
-    model = cli.config.model
     loaded = load_checkpoint_weights(cli.model, cli.ckpt_path)
     log.info("loaded %d trained tensors from %s", len(loaded), cli.ckpt_path)
-    if cli.config.dtype == "auto":
-        dtype = checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
-    else:
-        dtype = getattr(torch, cli.config.dtype)
-    export_module(cli.model, cli.config.output, dtype)
+    export_module(cli.model, cli.config.output, cli.dtype)
     model_type = json.loads((Path(cli.config.output) / "config.json").read_text(encoding="utf-8")).get("model_type")
     card = model_card(
         cli.config.as_dict(), cli.ckpt_path, cli.report, cli.config.evaluation, cli.config.base_model, model_type

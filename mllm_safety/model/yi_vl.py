@@ -56,6 +56,17 @@ class YiVLForConditionalGeneration(LlavaForConditionalGeneration):
         self.model.multi_modal_projector = YiVLProjector(config)
 
 
+def save_as_llava_config(config: LlavaConfig, path) -> None:
+    """Write ``config.json`` naming ``LlavaForConditionalGeneration``, as the published Yi-VL folders do, with the
+    ``is_yi_vl_derived_model`` flag: transformers and vLLM know that class, and LLaMA-Factory (its transformers and
+    its vLLM engine alike) swaps in Yi-VL's projector on the flag. The class name this module defines is known to
+    no loader."""
+    if not is_yi_vl(config):
+        raise ValueError(f"a Yi-VL config has {YI_VL_FLAG}: true; this one does not")
+    config.architectures = [LlavaForConditionalGeneration.__name__]
+    config.save_pretrained(path)
+
+
 # transformers skips its key renaming for classes defined outside it unless the class name is registered.
 register_checkpoint_conversion_mapping(
     YiVLForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
