@@ -30,9 +30,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mllm_safety.model.chat_templates import named_chat_template
+from mllm_safety.model.export_weights import write_weights
 from mllm_safety.model.legacy_processor import complete_legacy_processor
 from mllm_safety.model.lora import LoraSettings, inject_lora
-from mllm_safety.model.export_weights import write_weights
 from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl, save_as_llava_config
 
