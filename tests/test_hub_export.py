@@ -80,7 +80,11 @@ def test_a_bfloat16_export_says_so_and_loads_in_bfloat16_without_being_told(fami
     path = hub_checkpoint(family)
     trained_module(path, family).save_trainable(tmp_path / "trainable.safetensors")
     ckpt = f"--ckpt_path={tmp_path / 'trainable.safetensors'}"
-    export_main([*run_config(tmp_path, path, family), ckpt, f"--output={tmp_path / 'out'}", "--dtype=bfloat16"])
+    module = export_main(
+        [*run_config(tmp_path, path, family), ckpt, f"--output={tmp_path / 'out'}", "--dtype=bfloat16"]
+    )
+    # the base weights load in the export's dtype: no float32 copy of the model (benchmarks/export_memory.py)
+    assert module.hparams.frozen_dtype == "bfloat16"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16", "config.json names the dtype of the written tensors"
     written = {t.dtype for file in (tmp_path / "out").glob("*.safetensors") for t in load_file(file).values()}
