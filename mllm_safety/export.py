@@ -6,7 +6,9 @@ chat template), the checkpoint puts the trained weights back (a Lightning checkp
 ``trainable.safetensors``, or ``last``: the newest of the run), LoRA is folded in, and the folder is written with the
 chat template the model was trained with: a llava-hf folder (``LlavaForConditionalGeneration``) for a run of
 ``model.llava``, the checkpoint's own layout (``AutoModelForImageTextToText`` / ``AutoProcessor``) for a run of
-``model.pretrained``. An assembled model (``model.llm`` + ``model.vision``) has no transformers class to export to.
+``model.pretrained``. An assembled model (``model.llm`` + ``model.vision`` + an ``mlp2x_gelu`` projector, e.g. the
+demo) is written as a llava-hf folder too: its open_clip ViT becomes the ``CLIPVisionModel`` it is and the tokenizer
+gets an ``<image>`` token (:mod:`mllm_safety.model.assembled_export`).
 The folder gets a model card (``README.md``, :mod:`mllm_safety.model_card`): the Hub's front matter, the recipe from
 the run's config, and the figures of ``--evaluation DIR`` (what ``mllm_safety.evaluate`` wrote for this checkpoint).
 """
@@ -23,6 +25,8 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
+from mllm_safety.constants import IMAGE_TOKEN_ID
+from mllm_safety.model.assembled_export import prepare_assembled_for_llava_hf
 from mllm_safety.model.hub_vlm import HubVLM, read_hub_config, save_hub_vlm
 from mllm_safety.model.llava_hf import save_llava_hf
 from mllm_safety.model_card import model_card, read_evaluation
@@ -70,28 +74,35 @@ class ExportCLI(RunCLI):
         """Stop on a command that cannot export before the model is built (minutes for a 7B model)."""
         if self.config.output is None:
             self.parser.error("--output is required: the folder the exported model is written to")
-        if self.config.model.pretrained is None and self.config.model.llava is None:
+        model = self.config.model
+        assembled = model.pretrained is None and model.llava is None
+        if assembled and (model.projector or "mlp2x_gelu") != "mlp2x_gelu":
             self.parser.error(
-                "export writes transformers folders for runs of model.llava or model.pretrained; this run assembled "
-                "its model from model.llm and model.vision, which no transformers class loads"
+                f"an assembled model exports as a llava-hf folder, whose projector is mlp2x_gelu; this run's is "
+                f"{model.projector!r}"
             )
         self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=True)
         evaluation = self.config.evaluation
         self.report = read_evaluation(evaluation, self.ckpt_path) if evaluation is not None else None
         self.dtype = export_dtype(self.config)
-        # The base weights load straight in the export's dtype (exact for the default, the checkpoint's own), so no
-        # float32 copy of the model is ever held; LoRA is folded in weight by weight (mllm_safety.model.export_weights).
-        self.config.model.frozen_dtype = str(self.dtype).removeprefix("torch.")
+        if not assembled:
+            # The base weights load straight in the export's dtype (exact for the default, the checkpoint's own), so
+            # no float32 copy of the model is held; LoRA is folded in weight by weight (model/export_weights.py).
+            # An assembled model keeps the run's: its randomly initialised parts are checked by fingerprint.
+            self.config.model.frozen_dtype = str(self.dtype).removeprefix("torch.")
 
     def instantiate_classes(self) -> None:
         self.build_model()
 
 
 def export_dtype(config) -> torch.dtype:
-    """``--dtype``, or for ``auto`` the dtype the checkpoint training started from is stored in."""
+    """``--dtype``, or for ``auto`` the dtype the checkpoint training started from is stored in (an assembled model:
+    the run's ``model.frozen_dtype``)."""
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
     model = config.model
+    if model.pretrained is None and model.llava is None:
+        return getattr(torch, model.frozen_dtype)
     return checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
 
 
@@ -108,6 +119,8 @@ def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) ->
     if isinstance(module.model, HubVLM):
         save_hub_vlm(module.model, module.processor.hf_processor, output, dtype)
     else:
+        if module.model.image_token_id == IMAGE_TOKEN_ID:  # assembled: LLaVA's out-of-vocabulary image id
+            prepare_assembled_for_llava_hf(module.model, module.processor.tokenizer)
         save_llava_hf(module.model, output, module.processor.tokenizer, dtype)
 
 

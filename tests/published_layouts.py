@@ -40,7 +40,7 @@ def published_name(name: str) -> str:
     raise ValueError(f"no published name for {name!r}")
 
 
-def _as_4x_config(config: dict, architecture: str) -> dict:
+def _as_4x_config(config: dict, architecture: str | None) -> dict:
     """config.json as transformers 4.4x wrote it: ``torch_dtype``, not ``dtype``, in every (sub-)config."""
     config = {key: value for key, value in config.items() if key != "dtype"}
     for key in ("text_config", "vision_config"):

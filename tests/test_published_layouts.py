@@ -7,6 +7,7 @@ image tokens.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm
+from mllm_safety.model.legacy_processor import complete_legacy_processor
 from mllm_safety.model.llava_hf import load_llava_hf
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
 from mllm_safety.train.module import SafetyAlignModule
@@ -104,3 +106,11 @@ def test_weights_the_class_does_not_know_are_an_error_not_dropped(published, tmp
     if family == "llava_1_5":
         with pytest.raises(ValueError, match=f"{folder}.*1 weights it does not know.*extra_weight"):
             load_llava_hf(str(folder))
+
+
+def test_a_pre_447_processor_setting_the_model_cannot_give_stops_the_load_by_name():
+    processor = SimpleNamespace(patch_size=None, vision_feature_select_strategy=None, num_additional_image_tokens=0)
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(vision_config=SimpleNamespace(patch_size=14))  # no select strategy, no tower
+    with pytest.raises(ValueError, match="'/ckpt': the processor predates .* no vision_feature_select_strategy"):
+        complete_legacy_processor(processor, model, "/ckpt")
