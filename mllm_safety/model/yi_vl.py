@@ -9,7 +9,7 @@ The published folders predate transformers 5: their weights are named as ``Llava
 then (``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*``,
 ``multi_modal_projector.*`` at the top). transformers renames those for its own classes only, so the subclass
 registers llava's renaming under its class name. A folder this class writes is a ``LlavaForConditionalGeneration``
-folder with ``is_yi_vl_derived_model: true`` (see :func:`yi_vl_config_for_export`).
+folder with ``is_yi_vl_derived_model: true`` (:func:`save_as_llava_config`).
 """
 
 from __future__ import annotations
