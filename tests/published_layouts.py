@@ -8,6 +8,9 @@ config.json keys of transformers 4.4x (``torch_dtype``, the architecture the fol
 - llava-1.5 (``llava-hf/llava-1.5-7b-hf``) and LLaVA-NeXT (``llava-hf/llava-v1.6-mistral-7b-hf``): ``language_model.
   model.*``, ``language_model.lm_head.weight``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
   ``image_newline``; their processor_config.json (patch_size, num_additional_image_tokens) as updated on the Hub.
+- Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct``, written by transformers 4.4x): ``model.layers.*``,
+  ``model.embed_tokens``, ``visual.*``, ``lm_head.weight``, and a flat config.json (the text settings at the top,
+  ``rope_scaling: {type: mrope, mrope_section}``).
 - Yi-VL (``BUAADreamer/Yi-VL-6B-hf``, written by transformers 4.40.1): the same names with the four projector layers,
   ``architectures: [LlavaForConditionalGeneration]`` and ``is_yi_vl_derived_model: true``, and the processor of
   that time: no processor_config.json (no patch_size, vision_feature_select_strategy or num_additional_image_tokens),
@@ -23,21 +26,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-PUBLISHED_PREFIXES = (
+LLAVA_PREFIXES = (
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
 )
-"""transformers 5 parameter name prefix -> the name the published (transformers 4.4x) files give it."""
+QWEN_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."), ("lm_head.", "lm_head."))
+PUBLISHED_PREFIXES = {"llava": LLAVA_PREFIXES, "llava_next": LLAVA_PREFIXES, "qwen2_5_vl": QWEN_PREFIXES}
+"""model_type -> (transformers 5 parameter name prefix, the name the published transformers 4.4x files give it)."""
+ARCHITECTURES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
-def published_name(name: str) -> str:
-    for today, published in PUBLISHED_PREFIXES:
+def published_name(name: str, model_type: str) -> str:
+    for today, published in PUBLISHED_PREFIXES[model_type]:
         if name.startswith(today):
             return published + name.removeprefix(today)
     raise ValueError(f"no published name for {name!r}")
+
+
+def _as_4x_qwen_config(config: dict) -> dict:
+    """Qwen2.5-VL's config.json as published: the text settings flat at the top, M-RoPE as ``rope_scaling``."""
+    text = {key: value for key, value in config.pop("text_config").items() if key not in ("model_type", "dtype")}
+    rope = text.pop("rope_parameters")
+    vision = {key: value for key, value in config.pop("vision_config").items() if key != "rope_parameters"}
+    rope_scaling = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    return config | text | {"vision_config": vision, "rope_scaling": rope_scaling, "rope_theta": rope["rope_theta"]}
 
 
 def _as_4x_config(config: dict, architecture: str | None) -> dict:
@@ -59,7 +78,8 @@ def write_published_layout(model, source: str | Path, target: str | Path, pre_44
     for file in source.iterdir():
         if file.suffix != ".safetensors" and file.name not in ("model.safetensors.index.json", "config.json"):
             shutil.copy(file, target / file.name)
-    state = {published_name(name): t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    model_type = model.config.model_type
+    state = {published_name(n, model_type): t.detach().clone().contiguous() for n, t in model.state_dict().items()}
     names = sorted(state)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file, shard in shards.items():
@@ -68,8 +88,10 @@ def write_published_layout(model, source: str | Path, target: str | Path, pre_44
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    architecture = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-    config = _as_4x_config(model.config.to_dict(), architecture[model.config.model_type])
+    config = model.config.to_dict()
+    config = _as_4x_config(
+        _as_4x_qwen_config(config) if model_type == "qwen2_5_vl" else config, ARCHITECTURES[model_type]
+    )
     (target / "config.json").write_text(json.dumps(config, indent=2))
     if pre_447_processor:
         if model.config.model_type != "llava":

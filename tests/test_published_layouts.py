@@ -12,11 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import write_tiny_llava
-from hub_models import CHAT_TEMPLATES, write_tiny_llava_next, write_tiny_yi_vl
+from hub_models import CHAT_TEMPLATES, write_tiny_llava_next, write_tiny_qwen25_vl, write_tiny_yi_vl
 from PIL import Image
 from published_layouts import published_tensors, write_published_layout
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm
 from mllm_safety.model.legacy_processor import complete_legacy_processor
@@ -28,6 +32,11 @@ PUBLISHED = {  # family -> (writer of today's tiny folder, its class, processor 
     "llava_1_5": (write_tiny_llava, LlavaForConditionalGeneration, False),
     "llava_next_mistral": (write_tiny_llava_next, LlavaNextForConditionalGeneration, False),
     "yi_vl": (write_tiny_yi_vl, YiVLForConditionalGeneration, True),
+    "qwen25_vl": (write_tiny_qwen25_vl, Qwen2_5_VLForConditionalGeneration, False),
+}
+PUBLISHED_NAMES = {  # names the published files hold
+    "llava": {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"},
+    "qwen": {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"},
 }
 
 
@@ -50,11 +59,17 @@ def hub_module(path, family):
 def test_the_fixture_is_the_published_layout(published):
     family, _, path, _ = published
     names = set(published_tensors(path))
-    assert {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"} <= names
-    assert "vision_tower.vision_model.embeddings.class_embedding" in names
-    assert not any(name.startswith("model.") for name in names)
+    if family == "qwen25_vl":
+        assert PUBLISHED_NAMES["qwen"] <= names and "visual.patch_embed.proj.weight" in names
+        assert not any(name.startswith(("model.language_model.", "model.visual.")) for name in names)
+    else:
+        assert PUBLISHED_NAMES["llava"] <= names
+        assert "vision_tower.vision_model.embeddings.class_embedding" in names
+        assert not any(name.startswith("model.") for name in names)
     config = json.loads((Path(path) / "config.json").read_text())
     assert "torch_dtype" in config and "dtype" not in config
+    if family == "qwen25_vl":  # flat, as transformers 4.4x wrote Qwen2.5-VL's
+        assert "text_config" not in config and config["rope_scaling"]["type"] == "mrope"
     assert (Path(path) / "processor_config.json").exists() == (family != "yi_vl")
 
 
@@ -97,9 +112,10 @@ def test_weights_the_class_does_not_know_are_an_error_not_dropped(published, tmp
     for file in Path(path).iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
     shard = load_file(folder / first)
-    shard["language_model.model.layers.0.extra_weight"] = torch.ones(3)  # e.g. a layout this loader does not map
+    extra = "visual.extra_weight" if family == "qwen25_vl" else "language_model.model.layers.0.extra_weight"
+    shard[extra] = torch.ones(3)  # e.g. a layout this loader does not map
     save_file(shard, folder / first, metadata={"format": "pt"})
-    index["weight_map"]["language_model.model.layers.0.extra_weight"] = first
+    index["weight_map"][extra] = first
     (folder / index_file.name).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=f"{folder}.*1 weights it does not know.*extra_weight"):
         load_hub_vlm(str(folder), HubOptions(chat_template=CHAT_TEMPLATES.get(family)))
