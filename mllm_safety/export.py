@@ -6,7 +6,9 @@ chat template), the checkpoint puts the trained weights back (a Lightning checkp
 ``trainable.safetensors``, or ``last``: the newest of the run), LoRA is folded in, and the folder is written with the
 chat template the model was trained with: a llava-hf folder (``LlavaForConditionalGeneration``) for a run of
 ``model.llava``, the checkpoint's own layout (``AutoModelForImageTextToText`` / ``AutoProcessor``) for a run of
-``model.pretrained``. An assembled model (``model.llm`` + ``model.vision``) has no transformers class to export to.
+``model.pretrained``. An assembled model (``model.llm`` + ``model.vision`` + an ``mlp2x_gelu`` projector, e.g. the
+demo) is written as a llava-hf folder too: its open_clip ViT becomes the ``CLIPVisionModel`` it is and the tokenizer
+gets an ``<image>`` token (:mod:`mllm_safety.model.assembled_export`).
 The folder gets a model card (``README.md``, :mod:`mllm_safety.model_card`): the Hub's front matter, the recipe from
 the run's config, and the figures of ``--evaluation DIR`` (what ``mllm_safety.evaluate`` wrote for this checkpoint).
 """
@@ -23,6 +25,8 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
+from mllm_safety.constants import IMAGE_TOKEN_ID
+from mllm_safety.model.assembled_export import prepare_assembled_for_llava_hf
 from mllm_safety.model.hub_vlm import HubVLM, read_hub_config, save_hub_vlm
 from mllm_safety.model.llava_hf import save_llava_hf
 from mllm_safety.model_card import model_card, read_evaluation
@@ -70,20 +74,36 @@ class ExportCLI(RunCLI):
         """Stop on a command that cannot export before the model is built (minutes for a 7B model)."""
         if self.config.output is None:
             self.parser.error("--output is required: the folder the exported model is written to")
-        if self.config.model.pretrained is None and self.config.model.llava is None:
+        model = self.config.model
+        assembled = model.pretrained is None and model.llava is None
+        if assembled and (model.projector or "mlp2x_gelu") != "mlp2x_gelu":
             self.parser.error(
-                "export writes transformers folders for runs of model.llava or model.pretrained; this run assembled "
-                "its model from model.llm and model.vision, which no transformers class loads"
+                f"an assembled model exports as a llava-hf folder, whose projector is mlp2x_gelu; this run's is "
+                f"{model.projector!r}"
             )
         self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=True)
         evaluation = self.config.evaluation
         self.report = read_evaluation(evaluation, self.ckpt_path) if evaluation is not None else None
-        # model.frozen_dtype saves training memory; an export loads the base weights exactly, folds LoRA in float32
-        # and casts once, to --dtype.
-        self.config.model.frozen_dtype = "float32"
+        self.dtype = export_dtype(self.config)
+        if not assembled:
+            # The base weights load straight in the export's dtype (exact for the default, the checkpoint's own), so
+            # no float32 copy of the model is held; LoRA is folded in weight by weight (model/export_weights.py).
+            # An assembled model keeps the run's: its randomly initialised parts are checked by fingerprint.
+            self.config.model.frozen_dtype = str(self.dtype).removeprefix("torch.")
 
     def instantiate_classes(self) -> None:
         self.build_model()
+
+
+def export_dtype(config) -> torch.dtype:
+    """``--dtype``, or for ``auto`` the dtype the checkpoint training started from is stored in (an assembled model:
+    the run's ``model.frozen_dtype``)."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    model = config.model
+    if model.pretrained is None and model.llava is None:
+        return getattr(torch, model.frozen_dtype)
+    return checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
 
 
 def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
@@ -94,25 +114,22 @@ def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
 
 
 def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) -> None:
-    """Write ``module``'s model, LoRA folded in and cast to ``dtype``, as a transformers folder in ``output``: the
-    checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
+    """Write ``module``'s model, LoRA folded in and cast to ``dtype`` (both in place), as a transformers folder in
+    ``output``: the checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
     if isinstance(module.model, HubVLM):
         save_hub_vlm(module.model, module.processor.hf_processor, output, dtype)
     else:
+        if module.model.image_token_id == IMAGE_TOKEN_ID:  # assembled: LLaVA's out-of-vocabulary image id
+            prepare_assembled_for_llava_hf(module.model, module.processor.tokenizer)
         save_llava_hf(module.model, output, module.processor.tokenizer, dtype)
 
 
 def main(args: list[str] | None = None) -> SafetyAlignModule:
-    """Export a run; returns the module that was written (trained weights loaded)."""
+    """Export a run; returns the module that was written (trained weights loaded, LoRA folded in)."""
     cli = ExportCLI(args)
-    model = cli.config.model
     loaded = load_checkpoint_weights(cli.model, cli.ckpt_path)
     log.info("loaded %d trained tensors from %s", len(loaded), cli.ckpt_path)
-    if cli.config.dtype == "auto":
-        dtype = checkpoint_dtype(model.pretrained or model.llava.path, model.hub.trust_remote_code)
-    else:
-        dtype = getattr(torch, cli.config.dtype)
-    export_module(cli.model, cli.config.output, dtype)
+    export_module(cli.model, cli.config.output, cli.dtype)
     model_type = json.loads((Path(cli.config.output) / "config.json").read_text(encoding="utf-8")).get("model_type")
     card = model_card(
         cli.config.as_dict(), cli.ckpt_path, cli.report, cli.config.evaluation, cli.config.base_model, model_type

@@ -147,6 +147,21 @@ def recipe_lines(config: dict[str, Any]) -> list[str]:
     ]
 
 
+def assembled_parts(model: dict[str, Any]) -> str | None:
+    """The parts of an assembled model (``model.llm`` + ``model.vision`` + projector) in words, or ``None``."""
+    llm, vision = model.get("llm") or {}, model.get("vision") or {}
+    if not llm or not vision:
+        return None
+    if vision.get("backend") == "hf":
+        tower = f"`{vision.get('path')}`"
+    else:
+        weights = f"`{vision['pretrained']}` weights" if vision.get("pretrained") else "random weights"
+        tower = f"open_clip `{vision.get('name')}` ({weights})"
+    random_llm = " (random weights)" if llm.get("random_init") else ""
+    projector = model.get("projector") or "mlp2x_gelu"
+    return f"the LLM `{llm.get('name')}`{random_llm}, the vision tower {tower} and a new {projector} projector"
+
+
 def model_card(
     config: dict[str, Any],
     checkpoint: str,
@@ -160,8 +175,10 @@ def model_card(
     checkpoint (default: the configured source, when it is one); ``model_type``: the exported ``config.json``'s."""
     model = config["model"]
     source = model.get("pretrained") or (model.get("llava") or {}).get("path")
-    if source is None:
+    parts = assembled_parts(model) if source is None else None
+    if source is None and parts is None:
         raise ValueError("a model card needs the base checkpoint: the config has neither model.pretrained nor llava")
+    source = source or model["llm"]["name"]  # an assembled model's base: its LLM
     base_model = base_model or hub_id(source)
     license_name = base_license(source) or (KNOWN_LICENSES.get(base_model) if base_model else None)
     tags = ["mllm-safety", "safety", *([model_type] if model_type else []), *(["lora"] if model.get("lora") else [])]
@@ -172,7 +189,9 @@ def model_card(
         license=license_name,
         tags=list(dict.fromkeys(tags)),
     )
-    if base_model is None:
+    if parts is not None:
+        started = "an assembled model: " + parts + (f" (base model `{base_model}`)" if base_model else "")
+    elif base_model is None:
         started = f"the local folder `{source}`"
     else:
         started = f"`{base_model}`" + (f" (local folder `{source}`)" if source != base_model else "")

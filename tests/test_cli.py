@@ -47,8 +47,8 @@ def test_export_and_evaluate_check_the_command_before_building_the_model(tmp_pat
     monkeypatch.setattr(export.ExportCLI, "build_model", build_model)
     monkeypatch.setattr(evaluate.EvaluateCLI, "build_model", build_model)
     with pytest.raises(SystemExit):
-        export.main(["--config", CONFIG, "--ckpt_path", "last", "--output", str(tmp_path)])
-    assert "assembled its model from model.llm and model.vision" in capsys.readouterr().err
+        export.main(["--config", CONFIG, "--model.projector=linear", "--ckpt_path", "last", "--output", str(tmp_path)])
+    assert "llava-hf folder, whose projector is mlp2x_gelu; this run's is 'linear'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export.main(["--config", CONFIG, "--model.llava.path", str(tmp_path), "--ckpt_path", "last"])
     assert "--output is required" in capsys.readouterr().err

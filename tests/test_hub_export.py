@@ -1,5 +1,6 @@
 """Export of a hub VLM run: LoRA folded in, a folder transformers loads, the same logits as the trained model."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import yaml
 from hub_models import CHAT_TEMPLATES, FAMILIES
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mllm_safety.export import main as export_main
@@ -71,3 +73,24 @@ def test_export_folds_lora_in_and_transformers_loads_the_same_model(family, hub_
     # the trainable-weights file alone puts the run back on the base checkpoint
     load_trainable(base, tmp_path / "trainable.safetensors", require_every_trainable=False)  # a bare base model
     torch.testing.assert_close(logits(base.eval(), inputs), logits(module.model, inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["yi_vl", "qwen25_vl"])
+def test_a_bfloat16_export_says_so_and_loads_in_bfloat16_without_being_told(family, hub_checkpoint, tmp_path):
+    path = hub_checkpoint(family)
+    trained_module(path, family).save_trainable(tmp_path / "trainable.safetensors")
+    ckpt = f"--ckpt_path={tmp_path / 'trainable.safetensors'}"
+    module = export_main(
+        [*run_config(tmp_path, path, family), ckpt, f"--output={tmp_path / 'out'}", "--dtype=bfloat16"]
+    )
+    # the base weights load in the export's dtype: no float32 copy of the model (benchmarks/export_memory.py)
+    assert module.hparams.frozen_dtype == "bfloat16"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16", "config.json names the dtype of the written tensors"
+    written = {t.dtype for file in (tmp_path / "out").glob("*.safetensors") for t in load_file(file).values()}
+    assert written == {torch.bfloat16}
+    loader = YiVLForConditionalGeneration if family == "yi_vl" else AutoModelForImageTextToText
+    assert {p.dtype for p in loader.from_pretrained(tmp_path / "out").parameters()} == {torch.bfloat16}
+    if family == "yi_vl":  # a class transformers and vLLM know, and the flag LLaMA-Factory swaps Yi's projector on
+        assert config["architectures"] == ["LlavaForConditionalGeneration"]
+        assert config["is_yi_vl_derived_model"] is True

@@ -30,9 +30,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mllm_safety.model.chat_templates import named_chat_template
-from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
+from mllm_safety.model.export_weights import write_weights
+from mllm_safety.model.legacy_processor import complete_legacy_processor
+from mllm_safety.model.lora import LoraSettings, inject_lora
 from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
-from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
+from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl, save_as_llava_config
 
 PART_PREFIXES: dict[str, str] = {
     "model.vision_tower.": "vision",
@@ -150,8 +152,20 @@ def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torc
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             raise ValueError(f"{path!r} lacks {len(missing)} weights of {cls.__name__}, e.g. {missing[:3]}")
+        check_no_unknown_weights(info, cls, path)
+    complete_legacy_processor(processor, model, path)
     blank = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
     return HubVLM(model, dict(blank), path), processor
+
+
+def check_no_unknown_weights(info: dict, cls: type, path: str) -> None:
+    """Weights ``from_pretrained`` read but did not place (a layout it does not rename) are an error, not dropped."""
+    unexpected = sorted(info["unexpected_keys"])
+    if unexpected:
+        raise ValueError(
+            f"{path!r} holds {len(unexpected)} weights it does not know as a {cls.__name__}, e.g. {unexpected[:3]}: "
+            "a file layout this transformers version does not map"
+        )
 
 
 def _tensor_sum(value: Any) -> torch.Tensor | float:
@@ -293,12 +307,12 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 
 
 def save_hub_vlm(model: HubVLM, processor, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write ``model`` with its LoRA adapters folded in, and its processor with the chat template it was trained
-    with, as a folder ``AutoModelForImageTextToText`` and ``AutoProcessor`` load (Yi-VL: LLaMA-Factory's loader or
-    :class:`YiVLForConditionalGeneration`; stock transformers has no Yi-VL projector)."""
-    persistent = {name.replace(".base_layer.", ".") for name in model.hf.state_dict() if ".lora_" not in name}
-    tensors = {name: t for name, t in merged_tensors(model.hf).items() if name in persistent}
-    if dtype is not None:
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-    model.hf.save_pretrained(path, state_dict=tensors)
+    """Write ``model`` with its LoRA adapters folded in (in place: ``model`` keeps computing the same function), and
+    its processor with the chat template it was trained with, as a folder ``AutoModelForImageTextToText`` and
+    ``AutoProcessor`` load. Yi-VL's folder names ``LlavaForConditionalGeneration`` with ``is_yi_vl_derived_model``
+    as the published ones do (load it with :class:`YiVLForConditionalGeneration` or LLaMA-Factory; stock
+    transformers has no Yi-VL projector)."""
+    write_weights(model.hf, path, dtype)
+    if is_yi_vl(model.hf.config):
+        save_as_llava_config(model.hf.config, path)
     processor.save_pretrained(path)

@@ -27,7 +27,8 @@ from transformers import (
 
 from mllm_safety.constants import IMAGE_PLACEHOLDER
 from mllm_safety.model.chat_templates import named_chat_template
-from mllm_safety.model.lora import merged_llm_tensors, named_tensors
+from mllm_safety.model.export_weights import EXPORT_SHARD_SIZE, fold_and_cast
+from mllm_safety.model.lora import named_tensors, plain_named_tensors
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
 
@@ -123,6 +124,12 @@ def _from_pretrained(path: str, dtype: torch.dtype | str, kwargs: dict[str, Any]
     missing = sorted(info["missing_keys"])
     if missing:
         raise ValueError(f"{path!r} lacks {len(missing)} weights of a LLaVA model, e.g. {missing[:3]}")
+    unexpected = sorted(info["unexpected_keys"])
+    if unexpected:
+        raise ValueError(
+            f"{path!r} holds {len(unexpected)} weights it does not know as a LLaVA model, e.g. {unexpected[:3]}: a "
+            "file layout this transformers version does not map"
+        )
     return llava
 
 
@@ -172,11 +179,12 @@ def save_llava_hf(
     tokenizer: PreTrainedTokenizerBase,
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write ``model`` (LoRA folded in) with ``tokenizer`` and its chat template as a llava-hf folder.
+    """Write ``model`` (LoRA folded in, in place) with ``tokenizer`` and its chat template as a llava-hf folder.
 
     Needs a Hugging Face vision tower, an ``mlp2x_gelu`` projector and an image token known to the tokenizer (a
     llava-hf import has all three). With ``image_aspect_ratio='pad'`` the exported image processor pads too, so
-    transformers and vLLM see images the way training did. ``dtype`` casts the weights (default: as stored).
+    transformers and vLLM see images the way training did. ``dtype`` casts the weights in place (default: as
+    stored); ``model`` keeps computing what it computed, and no weight is copied.
     """
     vision, projector = model.vision, model.projector
     if not isinstance(vision, HFVisionEncoder):
@@ -193,10 +201,12 @@ def save_llava_hf(
             f"the tokenizer maps {image_token!r} to {tokenizer.convert_tokens_to_ids(image_token)}, but the model's "
             f"image positions use id {model.image_token_id}; export needs the tokenizer the model was trained with"
         )
+    fold_and_cast(model, dtype)
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
     tensors = {f"model.vision_tower.{name}": t for name, t in named_tensors(vision.tower)}
     for index, name in ((0, "linear_1"), (2, "linear_2")):
         tensors |= {f"model.multi_modal_projector.{name}.{k}": t for k, t in named_tensors(projector[index])}
-    for name, tensor in merged_llm_tensors(model.llm).items():
+    for name, tensor in plain_named_tensors(llm):
         if name.startswith("model."):
             tensors[f"model.language_model.{name.removeprefix('model.')}"] = tensor
         elif name.startswith("lm_head."):
@@ -204,7 +214,6 @@ def save_llava_hf(
         else:
             raise ValueError(f"the language model has a weight {name!r} outside model.* and lm_head.*")
 
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
     text_config = llm.config
     config = LlavaConfig(
         vision_config=vision.tower.config.to_dict(),
@@ -219,13 +228,13 @@ def save_llava_hf(
     )
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
-    _assign_tensors(llava, tensors, dtype)
+    _assign_tensors(llava, tensors)
     llava.generation_config = llm.generation_config
-    llava.save_pretrained(path)
+    llava.save_pretrained(path, max_shard_size=EXPORT_SHARD_SIZE)
     _llava_processor(vision, tokenizer).save_pretrained(path)
 
 
-def _assign_tensors(llava: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+def _assign_tensors(llava: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Replace every (meta) tensor of ``llava`` by ours; both sides must name exactly the same tensors."""
     expected = {name for name, _ in named_tensors(llava)}
     if expected != set(tensors):
@@ -234,8 +243,6 @@ def _assign_tensors(llava: nn.Module, tensors: dict[str, torch.Tensor], dtype: t
             f"unexpected {sorted(set(tensors) - expected)[:3]}"
         )
     for name, tensor in tensors.items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
         owner_name, _, leaf = name.rpartition(".")
         owner = llava.get_submodule(owner_name)
         if leaf in owner._parameters:

@@ -49,32 +49,30 @@ def apply_lora(llm: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     return get_peft_model(llm, lora_config(settings, task_type="CAUSAL_LM"))
 
 
-def merged_llm_tensors(llm: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of the causal LM under its own names, with active LoRA adapters folded in."""
-    return merged_tensors(llm.get_base_model() if isinstance(llm, PeftModel) else llm)
+def fold_lora_in_place(module: torch.nn.Module) -> int:
+    """Fold every active LoRA adapter of ``module`` into its base weight, one weight at a time, and return how many
+    layers were folded.
 
-
-def merged_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``module`` under the names they have without adapters, active LoRA adapters folded in.
-
-    The module itself is left untouched (peft's ``merge_and_unload`` would modify it in place, and unmerging is not
-    exact in low precision): each adapted weight is computed as ``W + scale * B @ A`` in float32 and cast back.
+    peft's merge adds the adapter's float32 ``scale * B @ A`` into the stored weight (one rounding to its dtype), so
+    an export holds no second copy of any weight: merging into copies made a 7B export need twice its size in host
+    memory. peft's layers know they are merged, so ``module`` computes what it computed before.
     """
-    deltas: dict[str, torch.Tensor] = {}
-    for name, layer in module.named_modules():
+    folded = 0
+    for layer in module.modules():
         if isinstance(layer, LoraLayer) and not layer.merged:
             adapters = [a for a in layer.active_adapters if a in layer.lora_A]
             if adapters:
-                deltas[f"{name}.weight"] = sum(layer.get_delta_weight(a).float() for a in adapters)
-    tensors: dict[str, torch.Tensor] = {}
+                layer.merge(adapter_names=adapters)
+                folded += 1
+    return folded
+
+
+def plain_named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``module`` under the names they have without adapters (``...q_proj.weight``), adapters left out:
+    after :func:`fold_lora_in_place`, the weights an export writes."""
     for name, tensor in named_tensors(module):
-        if ".lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        if name in deltas:
-            tensor = (tensor.float() + deltas[name].to(tensor.device)).to(tensor.dtype)
-        tensors[name] = tensor
-    return tensors
+        if ".lora_" not in name:
+            yield name.replace(".base_layer.", "."), tensor
 
 
 def inject_lora(module: PreTrainedModel, settings: LoraSettings) -> None:
