@@ -23,15 +23,18 @@ here from its source, independently of ``mllm_safety.data.slot_templates``:
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from hub_models import LLAMA3_TOKENS, _tokenizer, write_tiny_llava_next, write_tiny_yi_vl
 from PIL import Image
 
 from mllm_safety.constants import IGNORE_INDEX
-from mllm_safety.data.conversation import parse_llava_record
+from mllm_safety.data.conversation import ChatEncoder, parse_llava_record
 from mllm_safety.data.rejection import PAPER_REJECTION, RejectionConfig, RejectionSwap
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.model.hub_vlm import HubOptions
+from mllm_safety.model.llava_hf import load_llava_tokenizer
 from mllm_safety.model.lora import LoraSettings
 from mllm_safety.train.module import SafetyAlignModule
 
@@ -246,3 +249,13 @@ def test_the_generation_prompt_is_llamafactory_s_and_the_jinja_template_writes_t
     bos = raw_tokenizer.bos_token if LF[name].get("format_prefix") else ""
     user = LF[name]["format_user"][0].replace("{{content}}", "<image>\nDescribe it.")
     assert text == bos + LF[name].get("default_system", "") + user
+
+
+def test_a_llamafactory_template_on_the_wrong_path_or_model_is_refused(tiny_llava_path, tokenizer):
+    """The templates tokenize piece by piece (hub VLMs only), and their stop words must be tokens of the model."""
+    with pytest.raises(ValueError, match="is a LLaMA-Factory template, tokenized piece by piece"):
+        load_llava_tokenizer(tiny_llava_path, "yi_vl")
+    with pytest.raises(ValueError, match="they are for hub VLMs"):
+        ChatEncoder(tokenizer, 3, -200, template=LLAMAFACTORY_TEMPLATES["yi_vl"])
+    with pytest.raises(ValueError, match=re.escape("stop word '<|eot_id|>' is not a token of this tokenizer")):
+        LLAMAFACTORY_TEMPLATES["llava_next_llama3"].fix_tokenizer(copy.deepcopy(tokenizer))
