@@ -47,6 +47,10 @@ IDEFICS3_TEMPLATE = (  # HuggingFaceM4/Idefics3-8B-Llama3
 )
 
 
+LLAMA3_TOKENS = ["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+"""llama3-llava-next-8b's special tokens beside its BOS and EOS."""
+
+
 def _tokenizer(special: list[str], bos: str | None = None, eos: str | None = None):
     from transformers import AutoTokenizer
 
@@ -88,9 +92,10 @@ def _clip_vision(**overrides) -> dict:
     }
 
 
-def write_tiny_llava_next(path: str | Path, template: str = "mistral", seed: int = 0) -> str:
+def write_tiny_llava_next(path: str | Path, template: str = "mistral", seed: int = 0, tokenizer=None) -> str:
     """LLaVA-NeXT: CLIP (30 px tiles of 25 patch tokens) with anyres tiling up to 60x60 px, a Mistral or Llama text
-    model, and llava-hf's ``[INST]`` (Mistral) or Llama-3 template."""
+    model, and llava-hf's ``[INST]`` (Mistral) or Llama-3 template. ``tokenizer``: another one than SmolLM2's with
+    the family's special tokens (it must have ``<image>`` and, for Llama-3, ``<|eot_id|>``)."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -99,17 +104,13 @@ def write_tiny_llava_next(path: str | Path, template: str = "mistral", seed: int
     )
 
     if template == "mistral":
-        tokenizer = _tokenizer(["<image>", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
+        tokenizer = tokenizer or _tokenizer(["<image>", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
         text = {"model_type": "mistral", **_text_config(tokenizer), "sliding_window": None}
-        chat_template, eos = LLAVA_NEXT_MISTRAL_TEMPLATE, ["</s>"]
+        chat_template, eos = LLAVA_NEXT_MISTRAL_TEMPLATE, [tokenizer.eos_token]
     else:
-        tokenizer = _tokenizer(
-            ["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-            bos="<|begin_of_text|>",
-            eos="<|end_of_text|>",
-        )
+        tokenizer = tokenizer or _tokenizer(LLAMA3_TOKENS, bos="<|begin_of_text|>", eos="<|end_of_text|>")
         text = {"model_type": "llama", **_text_config(tokenizer)}
-        chat_template, eos = LLAMA3_LLAVA_NEXT_TEMPLATE, ["<|end_of_text|>", "<|eot_id|>"]
+        chat_template, eos = LLAMA3_LLAVA_NEXT_TEMPLATE, [tokenizer.eos_token, "<|eot_id|>"]
     tokenizer.add_bos_token = True
     pinpoints = [[30, 60], [60, 30], [60, 60]]
     config = LlavaNextConfig(
@@ -243,14 +244,15 @@ def write_tiny_idefics3(path: str | Path, seed: int = 0) -> str:
     return _save(model, processor, path, [ids("<end_of_utterance>"), ids("<|end_of_text|>")])
 
 
-def write_tiny_yi_vl(path: str | Path, seed: int = 0) -> str:
+def write_tiny_yi_vl(path: str | Path, seed: int = 0, tokenizer=None) -> str:
     """Yi-VL as LLaMA-Factory loads it: the llava-hf layout with ``is_yi_vl_derived_model`` and the LayerNorm
-    projector, a Llama text model, Yi's ``<|endoftext|>`` EOS; no chat template (configs name ``yi_vl``)."""
+    projector, a Llama text model, Yi's ``<|endoftext|>`` EOS; no chat template (configs name ``yi_vl``).
+    ``tokenizer``: another one than SmolLM2's (with ``<image>``)."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
 
     from mllm_safety.model.yi_vl import YiVLForConditionalGeneration
 
-    tokenizer = _tokenizer(["<image>"], eos="<|endoftext|>")
+    tokenizer = tokenizer or _tokenizer(["<image>"], eos="<|endoftext|>")
     config = LlavaConfig(
         vision_config=_clip_vision(),
         text_config={"model_type": "llama", **_text_config(tokenizer)},
@@ -325,7 +327,11 @@ FAMILIES = {
 }
 """Family -> writer of its tiny checkpoint."""
 
-CHAT_TEMPLATES = {"yi_vl": "yi_vl", "llava_next_mistral": "llava_next_mistral"}
+CHAT_TEMPLATES = {
+    "yi_vl": "yi_vl",
+    "llava_next_mistral": "llava_next_mistral",
+    "llama3_llava_next": "llava_next_llama3",
+}
 """The named templates the configs of these families use."""
 
 END_MARKERS = {

@@ -14,6 +14,7 @@ from mllm_safety.data.conversation import ChatEncoder, SampleError, parse_llava_
 from mllm_safety.data.hub_processor import HubProcessor, stack_images
 from mllm_safety.data.manifest import Manifest, ShardSetWriter
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.data.streaming import ShardStream
 from mllm_safety.data.synthetic import ensure_demo_shards
 from mllm_safety.model.hub_vlm import HubOptions, load_hub_processor
@@ -23,7 +24,8 @@ SMALL, BIG = (40, 30), (120, 70)
 
 def hub_processor(path, family, max_length=512):
     hf_processor = load_hub_processor(path, HubOptions(chat_template=CHAT_TEMPLATES.get(family)))
-    encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, image_parts=True)
+    template = LLAMAFACTORY_TEMPLATES.get(CHAT_TEMPLATES.get(family))
+    encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, image_parts=True, template=template)
     return HubProcessor(hf_processor, encoder, [hf_processor.tokenizer.eos_token_id])
 
 
@@ -52,8 +54,15 @@ def test_images_of_different_sizes_batch_like_the_transformers_processor(family,
         add_special_tokens=not (bos and text.startswith(bos)),
         return_tensors="pt",
     )
-    assert batch.input_ids.tolist() == expected["input_ids"].tolist()
-    assert batch.attention_mask.tolist() == expected["attention_mask"].tolist()
+    if CHAT_TEMPLATES.get(family) in LLAMAFACTORY_TEMPLATES:
+        # tokenized piece by piece as LLaMA-Factory does (tests/test_paper_templates.py): the same text
+        def texts(ids, mask):
+            return [processor.tokenizer.decode(row[keep.bool()]) for row, keep in zip(ids, mask)]
+
+        assert texts(batch.input_ids, batch.attention_mask) == texts(expected["input_ids"], expected["attention_mask"])
+    else:
+        assert batch.input_ids.tolist() == expected["input_ids"].tolist()
+        assert batch.attention_mask.tolist() == expected["attention_mask"].tolist()
     torch.testing.assert_close(batch.pixel_values, expected["pixel_values"], atol=0, rtol=0)
     assert set(batch.extra_inputs) == set(expected) - {"input_ids", "attention_mask", "pixel_values"}
     for name, value in batch.extra_inputs.items():

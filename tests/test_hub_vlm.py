@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from mllm_safety.constants import IGNORE_INDEX
 from mllm_safety.data.conversation import Conversation, parse_llava_record
 from mllm_safety.data.rejection import RejectionConfig, RejectionSwap
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.evaluation.generation import GenerationSettings, generate_replies
 from mllm_safety.model.hub_vlm import HubOptions, HubVLM, load_hub_vlm
 from mllm_safety.model.lora import LoraSettings
@@ -54,12 +55,13 @@ def conversation(sample_id, image, turns=(("What is it?", "A red box on white.")
 
 
 def labelled_runs(sample, tokenizer) -> list[str]:
-    """The decoded text of each contiguous run of learned positions."""
+    """The decoded labels of each contiguous run of learned positions (a label is its input token, or the EOS the
+    model learns where LLaMA-Factory's efficient EOS template keeps a separator in the input)."""
     runs, current = [], []
     for token, label in zip(sample.input_ids.tolist(), sample.labels.tolist()):
         if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
+            assert label in (token, tokenizer.eos_token_id)
+            current.append(label)
         elif current:
             runs.append(current)
             current = []
@@ -93,12 +95,19 @@ def test_prompt_ids_and_image_inputs_match_the_transformers_processor(family):
     image = picture("red", (70, 40))
     expected = hf_prompt(path, module, "What is this?", image)
     sample = module.processor.prompt("a", "What is this?", image)
-    assert sample.input_ids.tolist() == expected["input_ids"][0].tolist()
+    text_only = hf_prompt(path, module, "Hi?", None)
+    pairs = [
+        (sample.input_ids, expected["input_ids"][0]),
+        (module.processor.prompt("b", "Hi?", None).input_ids, text_only["input_ids"][0]),
+    ]
+    for ours, theirs in pairs:
+        if CHAT_TEMPLATES.get(name) in LLAMAFACTORY_TEMPLATES:  # tokenized piece by piece (test_paper_templates.py)
+            assert module.processor.tokenizer.decode(ours) == module.processor.tokenizer.decode(theirs)
+        else:
+            assert ours.tolist() == theirs.tolist()
     torch.testing.assert_close(sample.pixel_values, expected["pixel_values"], atol=0, rtol=0)
     for key, value in sample.image_inputs.items():
         assert torch.equal(value, expected[key]), key
-    text_only = hf_prompt(path, module, "Hi?", None)
-    assert module.processor.prompt("b", "Hi?", None).input_ids.tolist() == text_only["input_ids"][0].tolist()
 
 
 def test_loss_equals_the_transformers_loss_with_our_labels(family):
@@ -133,7 +142,11 @@ def test_the_end_of_turn_marker_is_not_learned_after_a_rejection(family):
     sample = module.processor(swapped)
     learned = "".join(labelled_runs(sample, module.processor.tokenizer)).strip()
     assert learned == RejectionConfig().sentence
-    assert END_MARKERS[name] in module.processor.tokenizer.decode(sample.input_ids), "the marker is there, unlearned"
+    text = module.processor.tokenizer.decode(sample.input_ids)
+    if CHAT_TEMPLATES.get(name) in LLAMAFACTORY_TEMPLATES:  # the paper's LLaMA-Factory fork drops it
+        assert text.endswith(learned)
+    else:
+        assert text.rstrip().endswith(END_MARKERS[name]), "the marker is there, unlearned"
 
 
 def test_batched_greedy_generation_equals_transformers_one_prompt_at_a_time(family):
@@ -273,3 +286,66 @@ def test_gradient_checkpointing_and_bf16_frozen_weights(hub_checkpoint):
     assert {p.dtype for p in module.model.parameters() if p.requires_grad} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(module.model(**batch.model_inputs()).loss)
+
+
+class ScriptedHead:
+    """A forward hook on the LM head that makes greedy decoding write ``script`` token by token, then ``after``: a
+    tiny model whose reply would run on past an end-of-turn marker."""
+
+    def __init__(self, script: list[int], after: int) -> None:
+        self.script, self.after, self.step = script, after, 0
+
+    def __call__(self, module, inputs, logits):
+        token = self.script[self.step] if self.step < len(self.script) else self.after
+        self.step += 1
+        logits = logits.clone()
+        logits[..., -1, token] += 1e4
+        return logits
+
+
+@pytest.mark.parametrize(
+    ("family", "template", "marker"),
+    [("llama3_llava_next", None, "<|eot_id|>"), ("idefics3", None, "<end_of_utterance>"), ("yi_vl", "yi_vl", "###")],
+)
+def test_generation_stops_at_the_templates_end_of_turn_marker_the_generation_config_lacks(
+    family, template, marker, hub_checkpoint, tmp_path
+):
+    """The checkpoint's (or LLaMA-Factory's) template ends a turn with a marker its generation_config does not list:
+    the reply still ends there, and its text leaves the marker out."""
+    path = tmp_path / family
+    shutil.copytree(hub_checkpoint(family), path)
+    config_file = path / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    tokenizer = AutoProcessor.from_pretrained(path).tokenizer
+    config["eos_token_id"] = [tokenizer.eos_token_id]
+    config_file.write_text(json.dumps(config))
+    module = SafetyAlignModule(pretrained=str(path), hub=HubOptions(chat_template=template), max_length=512).eval()
+    processor = module.processor
+    marker_id = processor.tokenizer.convert_tokens_to_ids(marker)
+    assert marker_id not in module.model.generation_config.eos_token_id
+    word, other = processor.tokenizer.encode(" red box", add_special_tokens=False)[:2]
+    head = module.model.hf.get_output_embeddings()
+    sample = processor.prompt("a", "Describe.", picture("red", (40, 30)))
+    hook = head.register_forward_hook(ScriptedHead([word, marker_id], other))
+    try:
+        reply = generate_replies(module, [sample], GenerationSettings(max_new_tokens=6), ["a"])[0]
+    finally:
+        hook.remove()
+    assert reply.tokens[:2] == [word, marker_id], "the model wrote the marker second"
+    assert other not in reply.tokens, "the reply ran on past the marker"
+    assert reply.text == processor.tokenizer.decode([word]).strip()
+
+
+def test_llava_v1_template_places_the_image_for_a_hub_llava_checkpoint(tiny_llava_path):
+    """``model.hub.chat_template: llava_v1`` on a llava-hf checkpoint loaded as a hub VLM: the template gets the
+    image as a content part and writes LLaVA-1.5's ``USER: <image>\\nQ ASSISTANT:``; replies and their EOS are
+    learned."""
+    module = SafetyAlignModule(pretrained=tiny_llava_path, hub=HubOptions(chat_template="llava_v1"), max_length=512)
+    processor = module.processor
+    text = processor.encoder.prompt_text("What is it?", has_image=True)
+    assert text.endswith("answers to the human's questions. USER: <image>\nWhat is it? ASSISTANT:")
+    sample = processor(conversation("a", picture("red", (40, 30))))
+    assert (sample.input_ids == processor.hf_processor.image_token_id).sum() == 25
+    eos = processor.tokenizer.eos_token
+    runs = [run.strip() for run in labelled_runs(sample, processor.tokenizer)]
+    assert runs == [f"A red box on white.{eos}", f"It was painted.{eos}"]

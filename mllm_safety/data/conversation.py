@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+
+if TYPE_CHECKING:
+    from mllm_safety.data.slot_templates import SlotTemplate
 
 _ROLES = {"human": "user", "gpt": "assistant"}
 
@@ -181,6 +184,17 @@ class TemplateShape:
         return texts
 
 
+class Span(NamedTuple):
+    """A piece of a rendered conversation; hub processors tokenize each piece on its own."""
+
+    text: str
+    learned: bool
+    """Its tokens are labels: a reply, or a learned end-of-turn marker."""
+    eos_label: bool = False
+    """Only input, but its first token is labelled with the EOS id: LLaMA-Factory's ``efficient_eos``, which teaches
+    the model to end the reply this piece follows while the input keeps the piece (Yi-VL's newline)."""
+
+
 @dataclass
 class EncodedSample:
     id: str
@@ -207,10 +221,18 @@ class ChatEncoder:
         image_token_id: int,
         max_length: int = 2048,
         image_parts: bool = False,
+        template: SlotTemplate | None = None,
     ) -> None:
         """``image_parts``: give the template the image as a content part (``{"type": "image"}``) where a user turn
         holds ``<image>``, so that it writes the model's own image marker (hub VLMs, whose processor expands that
-        marker); otherwise ``<image>`` stays in the text and is expanded to ``num_image_tokens`` ids here."""
+        marker); otherwise ``<image>`` stays in the text and is expanded to ``num_image_tokens`` ids here.
+        ``template``: lay conversations out piece by piece as LLaMA-Factory does instead of by the tokenizer's chat
+        template (hub VLMs only: their processor tokenizes piece by piece)."""
+        if template is not None and not image_parts:
+            raise ValueError(
+                "LLaMA-Factory's templates (llava_next_mistral, llava_next_llama3, yi_vl) tokenize piece by piece: "
+                "they are for hub VLMs (model.pretrained with model.hub.chat_template)"
+            )
         if not image_parts and not getattr(tokenizer, "is_fast", False):  # hub VLMs tokenize span by span
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: label masks need the character "
@@ -221,11 +243,22 @@ class ChatEncoder:
         self.image_token_id = image_token_id
         self.max_length = max_length
         self.image_parts = image_parts
-        self._content_parts = image_parts or _template_reads_content_parts(tokenizer)
+        self.template = template
         self._placeholder_id = _placeholder_token_id(tokenizer)
-        self.bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
-        """The BOS id the tokenizer adds but the template does not write (prepended to every sample), or ``[]``."""
-        self.shape = TemplateShape.probe(self._render)
+        self.bos: list[int] = []
+        """The BOS id the tokenizer adds but the template does not write (LLaMA-Factory's: that its prefix names),
+        prepended to every sample; or ``[]``."""
+        if template is not None:
+            self._content_parts, self.shape = False, None
+            if template.bos and tokenizer.bos_token_id is not None:
+                self.bos = [tokenizer.bos_token_id]
+        else:
+            self._content_parts = image_parts or _template_reads_content_parts(tokenizer)
+            self.bos = _missing_bos(tokenizer, self._render([{"role": "user", "content": "x"}], True))
+            self.shape = TemplateShape.probe(self._render)
+        self.end_of_turn_ids = self._end_of_turn_ids()
+        """Ids that end a reply in this template (its end-of-turn marker, when one token; a LLaMA-Factory template's
+        stop words): generation stops at them whatever the checkpoint's ``generation_config`` lists."""
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self._content_parts:
@@ -301,11 +334,24 @@ class ChatEncoder:
             (ids, [tuple(o) for o in offsets]) for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])
         ]
 
-    def spans(self, conversation: Conversation) -> list[tuple[str, bool]]:
-        """The rendered conversation as consecutive ``(text, learned)`` spans: each turn's prompt (not learned), its
-        reply, and its end-of-turn marker (learned unless ``conversation.learn_end_marker`` is off). Whitespace the
-        template puts after a marker opens the next prompt."""
-        spans: list[tuple[str, bool]] = []
+    def _end_of_turn_ids(self) -> list[int]:
+        if self.template is not None:
+            return self.template.stop_ids(self.tokenizer)
+        probe = Conversation("end-of-turn probe", (("QXUSERQX", "QXREPLYQX"),))
+        try:
+            marker = self.spans(probe)[2].text
+        except SampleError:  # a template that cannot be laid out: its samples are skipped anyway
+            return []
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        return ids if len(ids) == 1 else []
+
+    def spans(self, conversation: Conversation) -> list[Span]:
+        """The rendered conversation as consecutive spans: each turn's prompt (not learned), its reply, and its
+        end-of-turn marker (learned unless ``conversation.learn_end_marker`` is off). Whitespace the template puts
+        after a marker opens the next prompt. A LLaMA-Factory template gives its own pieces (:class:`SlotTemplate`)."""
+        if self.template is not None:
+            return self.template.spans(conversation, self.tokenizer)
+        spans: list[Span] = []
         rendered = ""  # the text covered by spans so far
 
         for (_, reply), (prompt, full) in zip(conversation.turns, self.turn_texts(conversation), strict=True):
@@ -323,9 +369,9 @@ class ChatEncoder:
                 )
             end_marker = full[body_end:].rstrip()
             spans += [
-                (prompt[len(rendered) :], False),
-                (full[len(prompt) : body_end], True),
-                (end_marker, conversation.learn_end_marker),
+                Span(prompt[len(rendered) :], False),
+                Span(full[len(prompt) : body_end], True),
+                Span(end_marker, conversation.learn_end_marker),
             ]
             rendered = full[: body_end + len(end_marker)]
         return spans
@@ -334,7 +380,7 @@ class ChatEncoder:
         """Token ids and labels of one whole tokenization of the conversation (as LLaVA trains): a token is learned
         when it covers text of a learned span."""
         text, learned = "", []
-        for span, learn in self.spans(conversation):
+        for span, learn, _ in self.spans(conversation):
             if learn:
                 learned.append((len(text), len(text) + len(span)))
             text += span
@@ -352,10 +398,16 @@ class ChatEncoder:
         input_ids, labels = truncate(conversation.id, input_ids, labels, self.max_length, keep)
         return EncodedSample(id=conversation.id, input_ids=input_ids, labels=labels, image=conversation.image)
 
+    def prompt_spans(self, question: str, has_image: bool) -> list[Span]:
+        """The pieces of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
+        content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
+        if self.template is not None:
+            return self.template.prompt_spans(content)
+        return [Span(self._render([{"role": "user", "content": content}], add_generation_prompt=True), False)]
+
     def prompt_text(self, question: str, has_image: bool) -> str:
         """The rendered single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
-        content = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image and IMAGE_PLACEHOLDER not in question else question
-        return self._render([{"role": "user", "content": content}], add_generation_prompt=True)
+        return "".join(span.text for span in self.prompt_spans(question, has_image))
 
     def encode_prompt(self, question: str, has_image: bool) -> list[int]:
         """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""

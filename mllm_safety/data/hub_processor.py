@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mllm_safety.constants import IGNORE_INDEX
-from mllm_safety.data.conversation import ChatEncoder, Conversation, SampleError, truncate
+from mllm_safety.data.conversation import ChatEncoder, Conversation, SampleError, Span, truncate
 from mllm_safety.data.processor import Batch, ModelSample, long_tensor, pad_tokens
 
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -71,8 +71,8 @@ class HubProcessor:
         images = {name: value for name, value in out.items() if name not in TEXT_KEYS and name not in per_token}
         return ids, images, per_token
 
-    def _encode(self, sample_id: str, spans: list[tuple[str, bool]], image: Image.Image | None, max_length: int | None):
-        texts = [text for text, _ in spans]
+    def _encode(self, sample_id: str, spans: list[Span], image: Image.Image | None, max_length: int | None):
+        texts = [span.text for span in spans]
         holding = [index for index, text in enumerate(texts) if self.image_token in text]
         if (image is None) != (not holding) or len(holding) > 1:
             raise SampleError(
@@ -88,13 +88,20 @@ class HubProcessor:
         images: dict[str, torch.Tensor] = {}
         per_token: dict[str, list[int]] = {}
         keep = 0
-        for index, ((_, learn), ids) in enumerate(zip(spans, tokenized, strict=True)):
+        template = self.encoder.template
+        eos = self.tokenizer.convert_tokens_to_ids(template.eos_token(self.tokenizer)) if template else None
+        for index, (span, ids) in enumerate(zip(spans, tokenized, strict=True)):
             if holding and index == holding[0]:
                 ids, images, span_tokens = self._expand(texts[index], image)
                 per_token = {name: [0] * len(input_ids) + values.tolist() for name, values in span_tokens.items()}
                 keep = len(input_ids) + len(ids)  # everything up to the end of the image's prompt stays whole
             input_ids += ids
-            labels += ids if learn else [IGNORE_INDEX] * len(ids)
+            if span.learned:
+                labels += ids
+            elif span.eos_label and ids:  # LLaMA-Factory's efficient EOS: the reply before ends here
+                labels += [eos] + [IGNORE_INDEX] * (len(ids) - 1)
+            else:
+                labels += [IGNORE_INDEX] * len(ids)
             for values in per_token.values():
                 values += [0] * (len(input_ids) - len(values))
         if max_length is not None:
@@ -116,8 +123,8 @@ class HubProcessor:
     __call__ = stream_sample
 
     def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
-        text = self.encoder.prompt_text(question, has_image=image is not None)
-        return self._encode(sample_id, [(text, False)], image, max_length=None)
+        spans = self.encoder.prompt_spans(question, has_image=image is not None)
+        return self._encode(sample_id, spans, image, max_length=None)
 
     def finish_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return pixel_values

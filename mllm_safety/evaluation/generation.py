@@ -145,7 +145,8 @@ def generate_replies(
 
     ``module`` is the LightningModule (``.model`` the model, ``.processor`` its processor); prompts are left-padded
     so that every reply starts right after its prompt, decoding uses the KV cache, and a reply ends at any of the
-    processor's stop tokens (every end-of-sequence id of the checkpoint). ``keys`` seed each row's sampling.
+    processor's stop tokens (every end-of-sequence id of the checkpoint and the chat template's end-of-turn marker).
+    ``keys`` seed each row's sampling.
     """
     processor = module.processor
     tokenizer = processor.tokenizer

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
+
+_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+)
+"""A message's content: its text, or its typed parts (hub VLMs) with an image part as ``<image>``, joined by newlines
+(LLaVA's ``<image>\\nQuestion``)."""
+
 LLAVA_V1_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set loop_messages = messages[1:] %}"
     "{% else %}A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions.{% set loop_messages = messages %}{% endif %} "
     "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% if message['role'] == 'user' %}USER: " + _CONTENT + " "
+    "{% else %}ASSISTANT: " + _CONTENT + "{{ eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -17,27 +27,7 @@ LLAVA_V1_CHAT_TEMPLATE = (
 llava-hf's own template drops the system prompt and the ``</s>`` after each reply, so a model finetuned with it
 never learns where to stop; the paper configs use this one."""
 
-YI_VL_SYSTEM = (
-    "This is a chat between an inquisitive human and an AI assistant. Assume the role of the AI assistant. Read all "
-    "the images carefully, and respond to the human's questions with informative, helpful, detailed and polite "
-    "answers. 这是一个好奇的人类和一个人工智能助手之间的对话。假设你扮演这个AI助手的角色。"
-    "仔细阅读所有的图像，并对人类的问题做出信息丰富、有帮助、详细的和礼貌的回答。\n\n"
-)
-
-YI_VL_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'][0]['text'] + '\\n\\n' }}"
-    "{% set loop_messages = messages[1:] %}{% else %}" + YI_VL_SYSTEM + "{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
-    "{% if not loop.first %}{{ '\\n' }}{% endif %}{{ '### Human: ' }}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '\\n### Assistant:' }}"
-    "{% else %}{{ message['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}"
-)
-"""Yi-VL's conversation as LLaMA-Factory trains it (its ``yi_vl`` template, which the paper used):
-``SYSTEM### Human: <image>\\nQ\\n### Assistant:A<|endoftext|>\\n### Human: ...``; content parts as transformers'
-processors pass them."""
-
-LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE = (
+LLAVA_HF_MISTRAL_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
     "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
@@ -51,9 +41,12 @@ of the checkpoint misspell as ``<\\s>`` (a model trained on that text never lear
 
 NAMED_CHAT_TEMPLATES = {
     "llava_v1": LLAVA_V1_CHAT_TEMPLATE,
-    "llava_next_mistral": LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
-    "yi_vl": YI_VL_CHAT_TEMPLATE,
+    "llava_hf_mistral": LLAVA_HF_MISTRAL_CHAT_TEMPLATE,
+    **{name: template.jinja for name, template in LLAMAFACTORY_TEMPLATES.items()},
 }
+"""Named templates; ``llava_next_mistral``, ``llava_next_llama3`` and ``yi_vl`` are LLaMA-Factory's, with which the
+paper trained those models (:mod:`mllm_safety.data.slot_templates`; a hub VLM is then tokenized piece by piece as
+LLaMA-Factory tokenizes it)."""
 
 
 def named_chat_template(template: str | None) -> str | None:

@@ -29,6 +29,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.export_weights import write_weights
 from mllm_safety.model.legacy_processor import complete_legacy_processor
@@ -58,8 +59,10 @@ class HubOptions:
     """How to read a hub VLM checkpoint (``model.pretrained``)."""
 
     chat_template: str | None = None
-    """``None`` keeps the checkpoint's template; ``yi_vl`` is Yi-VL's conversation as LLaMA-Factory trains it;
-    any other value is a Jinja template (given the image as a ``{"type": "image"}`` content part)."""
+    """``None`` keeps the checkpoint's template. ``llava_next_mistral``, ``llava_next_llama3`` and ``yi_vl`` are
+    LLaMA-Factory's, with which the paper trained those models (tokenized piece by piece as LLaMA-Factory does);
+    ``llava_hf_mistral`` is llava-hf's Mistral template with its EOS fixed; ``llava_v1`` LLaVA-1.5's. Any other value
+    is a Jinja template (given the image as a ``{"type": "image"}`` content part)."""
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for ``AutoProcessor.from_pretrained``, e.g. ``{max_pixels: 1003520}`` to bound the image
     tokens of Qwen2.5-VL (its default allows 16384 per image)."""
@@ -129,6 +132,8 @@ def load_hub_processor(path: str, options: HubOptions):
         raise ValueError(f"{path!r} has no chat template (chat_template.jinja); set model.hub.chat_template")
     processor.chat_template = processor.tokenizer.chat_template = template
     tokenizer = processor.tokenizer
+    if options.chat_template in LLAMAFACTORY_TEMPLATES:
+        LLAMAFACTORY_TEMPLATES[options.chat_template].fix_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return processor

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from mllm_safety.constants import IMAGE_PLACEHOLDER
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.export_weights import EXPORT_SHARD_SIZE, fold_and_cast
 from mllm_safety.model.lora import named_tensors, plain_named_tensors
@@ -163,6 +164,11 @@ def load_llava_tokenizer(path: str, chat_template: str | None = None) -> PreTrai
             f"the tokenizer in {path!r} has no {image_token!r} token with id {config.image_token_index} "
             f"(config.json's image_token_index); it maps {image_token!r} to "
             f"{tokenizer.convert_tokens_to_ids(image_token)}"
+        )
+    if chat_template in LLAMAFACTORY_TEMPLATES:
+        raise ValueError(
+            f"llava.chat_template={chat_template!r} is a LLaMA-Factory template, tokenized piece by piece: load the "
+            "checkpoint with model.pretrained and model.hub.chat_template instead"
         )
     if chat_template is not None:
         tokenizer.chat_template = named_chat_template(chat_template)

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,16 @@ def load_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch
     return AutoModelForCausalLM.from_config(llm_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
 
 
-def stop_token_ids(generation_config, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(
+    generation_config, tokenizer: PreTrainedTokenizerBase, end_of_turn_ids: Sequence[int] = ()
+) -> list[int]:
     """Every id that ends a reply: all end-of-sequence ids of the checkpoint's ``generation_config`` (Llama-3's
-    ``<|eot_id|>`` beside ``<|end_of_text|>``, Qwen's ``<|im_end|>``), then the tokenizer's EOS if not among them."""
+    ``<|eot_id|>`` beside ``<|end_of_text|>``, Qwen's ``<|im_end|>``), then the tokenizer's EOS and the chat
+    template's end-of-turn ids (``ChatEncoder.end_of_turn_ids``) if not among them: a generation_config that misses
+    the template's marker would let the reply run on into a made-up next turn."""
     configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     ids = [configured] if isinstance(configured, int) else list(configured or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    for token in (tokenizer.eos_token_id, *end_of_turn_ids):
+        if token is not None and token not in ids:
+            ids.append(token)
     return ids

@@ -15,6 +15,7 @@ from mllm_safety.constants import IMAGE_TOKEN_ID
 from mllm_safety.data.conversation import ChatEncoder
 from mllm_safety.data.hub_processor import HubProcessor
 from mllm_safety.data.processor import Batch, MultimodalProcessor, Processor
+from mllm_safety.data.slot_templates import LLAMAFACTORY_TEMPLATES
 from mllm_safety.model.hub_vlm import HubOptions, HubVLM, load_hub_vlm
 from mllm_safety.model.llava_hf import LlavaHFConfig, load_llava_hf, load_llava_tokenizer
 from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer, stop_token_ids
@@ -152,8 +153,9 @@ class SafetyAlignModule(L.LightningModule):
         dtype = getattr(torch, frozen_dtype)
         if pretrained is not None:
             model, hf_processor = load_hub_vlm(pretrained, hub, dtype)
-            encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, image_parts=True)
-            stops = stop_token_ids(model.generation_config, hf_processor.tokenizer)
+            template = LLAMAFACTORY_TEMPLATES.get(hub.chat_template)
+            encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, True, template)
+            stops = stop_token_ids(model.generation_config, hf_processor.tokenizer, encoder.end_of_turn_ids)
             self.processor: Processor = HubProcessor(hf_processor, encoder, stops)
         else:
             if llava is not None:
@@ -163,11 +165,12 @@ class SafetyAlignModule(L.LightningModule):
                 tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
             else:
                 model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
+            encoder = ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length)
             self.processor = MultimodalProcessor(
-                ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length),
+                encoder,
                 model.vision.image_transform,
                 model.vision.image_size,
-                stop_token_ids(model.generation_config, tokenizer),
+                stop_token_ids(model.generation_config, tokenizer, encoder.end_of_turn_ids),
             )
         self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
         self.init_names = _load_init_weights(self.model, init_weights or [], trainable.lora)
