@@ -115,7 +115,11 @@ def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
 
 def export_module(module: SafetyAlignModule, output: str, dtype: torch.dtype) -> None:
     """Write ``module``'s model, LoRA folded in and cast to ``dtype`` (both in place), as a transformers folder in
-    ``output``: the checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import."""
+    ``output``: the checkpoint's own layout for a hub VLM, a llava-hf folder for a llava-hf import.
+
+    The folder's ``generation_config`` ends a reply where evaluation did: at the template's end-of-turn marker too
+    (``###`` for ``yi_vl``, ``<|eot_id|>``), which the checkpoint's own config may lack, so a served export stops."""
+    module.model.generation_config.eos_token_id = list(module.processor.stop_token_ids)
     if isinstance(module.model, HubVLM):
         save_hub_vlm(module.model, module.processor.hf_processor, output, dtype)
     else:

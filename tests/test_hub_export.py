@@ -9,7 +9,7 @@ import yaml
 from hub_models import CHAT_TEMPLATES, FAMILIES
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from mllm_safety.export import main as export_main
 from mllm_safety.model.hub_vlm import HubOptions, load_hub_vlm
@@ -58,6 +58,10 @@ def test_export_folds_lora_in_and_transformers_loads_the_same_model(family, hub_
     ckpt = f"--ckpt_path={tmp_path / 'trainable.safetensors'}"
     export_main([*run_config(tmp_path, path, family), ckpt, f"--output={tmp_path / 'out'}"])
 
+    stops = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    assert set(module.processor.stop_token_ids) <= set(stops if isinstance(stops, list) else [stops]), (
+        "a served export stops where evaluation did, at the template's end-of-turn marker too"
+    )
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     assert processor.chat_template == module.processor.tokenizer.chat_template, "the training template goes along"
     loader = YiVLForConditionalGeneration if family == "yi_vl" else AutoModelForImageTextToText
