@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.evaluation.generation import Generation, GenerationSettings, gather_generations, generate_for_rank
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
 from mllm_safety.evaluation.metrics import (
@@ -201,7 +202,9 @@ class SafetyEvalCallback(L.Callback):
         data = []
         for row in rows:
             prompt = row.prompt
-            image = _thumbnail(prompt.image.load()) if prompt.image is not None and row.reply is not None else None
+            image = None
+            if prompt.image is not None and row.reply is not None and not isinstance(prompt.image, WordsInImageSlot):
+                image = _thumbnail(prompt.image.load())
             verdict = VERDICTS["refusal"][codes[row.index]]
             data.append(
                 [
