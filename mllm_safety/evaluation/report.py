@@ -249,7 +249,7 @@ def probe_table(sets: list[EvalSet], result: EvaluationResult) -> list[str]:
     pixels side by side (and the benign twins' over-refusal where the sets have twins), so that "refused as words in
     the image slot, answered as pixels" reads in one row. Each row is its ``img2text`` set's judge: its protocol's,
     else the first judge."""
-    names = {s.name: s for s in sets}
+    names = {s.name for s in sets}
     twins = {s.contrast: s.name for s in sets if s.contrast is not None}
     first = next(iter(result.metrics))
     rows = []
