@@ -13,6 +13,7 @@ from safety_fixtures import MMSB_SCENARIOS, write_mmsafetybench
 
 from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.evaluate import main as evaluate_main
+from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.generation import GenerationSettings, generate_for_rank
 from mllm_safety.evaluation.registry import BenchmarkSpec, load_sets
 from mllm_safety.evaluation.sets import ImageFile, TypoImage, WhiteImage
@@ -167,8 +168,12 @@ def test_img2text_on_another_family_stops_before_generating_naming_mode_and_fami
     sets = mmsb(tmp_path, ["matched_ocr", "img2text"])
     monkeypatch.setattr(module.model.hf, "generate", lambda *a, **k: pytest.fail("generated"))
     name = {"qwen25_vl": r"Qwen2_5_VLForConditionalGeneration \(qwen2_5_vl\)", "idefics3": r"Idefics3\w+ \(idefics3\)"}
-    with pytest.raises(ValueError, match=rf"mmsafetybench_img2text \(the img2text probe\).*{name[family]}"):
+    message = rf"mmsafetybench_img2text \(the img2text probe\).*{name[family]}"
+    with pytest.raises(ValueError, match=message):
         generate_for_rank(module, list(sets.values()), 0, 1, GenerationSettings(max_new_tokens=2))
+    callback = SafetyEvalCallback([BenchmarkSpec("mmsafetybench", str(tmp_path / "data"), modes=["img2text"])])
+    with pytest.raises(ValueError, match=message):  # a fit stops at setup, before its first step
+        callback.setup(None, module, "fit")
 
 
 def test_the_word_slots_of_a_batch_need_their_words():
