@@ -13,6 +13,11 @@ IMAGE_TOKEN_ID = -200
 vocabulary, so no embedding row is added to the LLM; the positions are filled with projected image features before
 the LLM sees them."""
 
+WORD_SLOT_ID = -201
+"""Input id of each image-slot position that a word fills instead of an image (the ``img2text`` probe,
+``mllm_safety.data.image_slot``): outside every vocabulary like ``IMAGE_TOKEN_ID``; the model's splice replaces it by
+the word's own id before embedding."""
+
 IMAGE_PLACEHOLDER = "<image>"
 """Where the image goes in a conversation's text (LLaVA's layout)."""
 

@@ -300,10 +300,10 @@ class ChatEncoder:
             for k in range(len(conversation.turns))
         ]
 
-    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int] | None]]:
+    def _tokens(self, text: str, slot: list[int] | None = None) -> tuple[list[int], list[tuple[int, int] | None]]:
         """Token ids of ``text`` and each token's character span (``None`` for image tokens), ``<image>`` expanded
-        to the image tokens."""
-        image = [self.image_token_id] * self.num_image_tokens
+        to ``slot`` (default: the image tokens)."""
+        image = [self.image_token_id] * self.num_image_tokens if slot is None else slot
         ids: list[int] = []
         spans: list[tuple[int, int] | None] = []
         if self._placeholder_id is not None:
@@ -406,12 +406,14 @@ class ChatEncoder:
         return [Span(self._render([{"role": "user", "content": content}], add_generation_prompt=True), False)]
 
     def prompt_text(self, question: str, has_image: bool) -> str:
-        """The rendered single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
+        """The rendered single-turn generation prompt; ``<image>\\n`` leads it when there is an image, unless the
+        question places ``<image>`` itself (the ``img2text`` probe puts it after the text, as the paper does)."""
         return "".join(span.text for span in self.prompt_spans(question, has_image))
 
-    def encode_prompt(self, question: str, has_image: bool) -> list[int]:
-        """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image."""
-        return self.bos + self._tokens(self.prompt_text(question, has_image))[0]
+    def encode_prompt(self, question: str, has_image: bool, slot: list[int] | None = None) -> list[int]:
+        """Token ids of a single-turn generation prompt; ``<image>\\n`` leads it when there is an image and the
+        question does not place it. ``slot``: the ids the image slot expands to (default: the image tokens)."""
+        return self.bos + self._tokens(self.prompt_text(question, has_image), slot)[0]
 
 
 def truncate(

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from mllm_safety.constants import IGNORE_INDEX
+from mllm_safety.constants import IGNORE_INDEX, WORD_SLOT_ID
 from mllm_safety.data.conversation import ChatEncoder, Conversation, SampleError, Span, truncate
+from mllm_safety.data.image_slot import WordsInImageSlot, slot_word_inputs
 from mllm_safety.data.processor import Batch, ModelSample, long_tensor, pad_tokens
 
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -122,9 +123,26 @@ class HubProcessor:
 
     __call__ = stream_sample
 
-    def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
+    def prompt(self, sample_id: str, question: str, image: Image.Image | WordsInImageSlot | None) -> ModelSample:
         spans = self.encoder.prompt_spans(question, has_image=image is not None)
+        if isinstance(image, WordsInImageSlot):
+            return self._words_prompt(sample_id, spans, image)
         return self._encode(sample_id, spans, image, max_length=None)
+
+    def _words_prompt(self, sample_id: str, spans: list[Span], words: WordsInImageSlot) -> ModelSample:
+        """The prompt tokenized piece by piece as ``_encode`` tokenizes it around an image, with the image marker
+        expanded to one ``WORD_SLOT_ID`` position per word token instead of the image's tokens."""
+        ids = [i for span in spans for i in self.tokenizer(span.text, add_special_tokens=False)["input_ids"]]
+        marker = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if ids.count(marker) != 1:
+            raise ValueError(
+                f"prompt {sample_id!r}: the chat template placed {ids.count(marker)} image marker(s) "
+                f"{self.image_token!r}; words fill exactly one image slot"
+            )
+        word_ids = words.token_ids(self.tokenizer)
+        at = ids.index(marker)
+        input_ids = long_tensor([*self.encoder.bos, *ids[:at], *[WORD_SLOT_ID] * len(word_ids), *ids[at + 1 :]])
+        return ModelSample(sample_id, input_ids, torch.full_like(input_ids, IGNORE_INDEX), None, slot_words=word_ids)
 
     def finish_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return pixel_values
@@ -136,4 +154,5 @@ class HubProcessor:
         pixel_values = stack_images([s.pixel_values for s in with_image]) if with_image else torch.zeros(0)
         for name in sorted({name for s in with_image for name in s.image_inputs}):
             extra[name] = stack_images([s.image_inputs[name] for s in with_image])
+        extra |= slot_word_inputs([s.slot_words for s in samples])
         return Batch([s.id for s in samples], input_ids, attention_mask, labels, pixel_values, extra)

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mllm_safety.constants import IGNORE_INDEX
+from mllm_safety.constants import IGNORE_INDEX, WORD_SLOT_ID
 from mllm_safety.data.conversation import ChatEncoder, Conversation
+from mllm_safety.data.image_slot import WordsInImageSlot, slot_word_inputs
 
 
 @dataclass
@@ -26,6 +27,9 @@ class ModelSample:
     """Other tensors of the sample's image a hub model takes (``image_grid_thw``, ``image_sizes``, ...)."""
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Tensors with one entry per token beside ``input_ids`` (Qwen's ``mm_token_type_ids``), padded with 0."""
+    slot_words: torch.Tensor | None = None
+    """Token ids that fill the image slot instead of an image (``mllm_safety.data.image_slot``), one per
+    ``WORD_SLOT_ID`` position of ``input_ids``; ``None`` for every other sample."""
 
 
 @dataclass
@@ -38,7 +42,8 @@ class Batch:
     """Images of the samples that have one, in batch order; empty (``(0, 3, H, W)`` or ``(0,)``) when none has."""
     extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Model-specific inputs beside ids and pixels, passed to the model by name: ``image_grid_thw`` and
-    ``mm_token_type_ids`` (Qwen2.5-VL), ``image_sizes`` (LLaVA-NeXT), ``pixel_attention_mask`` (Idefics3)."""
+    ``mm_token_type_ids`` (Qwen2.5-VL), ``image_sizes`` (LLaVA-NeXT), ``pixel_attention_mask`` (Idefics3); and
+    ``slot_word_ids`` when some sample's image slot holds words (``mllm_safety.data.image_slot``)."""
     stats: dict[str, int] = field(default_factory=dict)
     """Data-pipeline counts since the previous batch of the same worker (``seen``, ``skipped_<reason>``,
     ``repeated``), for the trainer to log and judge; the same keys on every rank."""
@@ -88,8 +93,8 @@ class Processor(Protocol):
     def stream_sample(self, conversation: Conversation) -> ModelSample:
         """A training sample for the data workers; its batch needs :meth:`finish_pixels` on the device."""
 
-    def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
-        """A single-turn generation prompt."""
+    def prompt(self, sample_id: str, question: str, image: Image.Image | WordsInImageSlot | None) -> ModelSample:
+        """A single-turn generation prompt; its image slot holds the image, or words (``WordsInImageSlot``)."""
 
     def collate(self, samples: list[ModelSample], padding_side: str = "right") -> Batch:
         """Pad samples into a batch: right for training, left for generation."""
@@ -216,7 +221,11 @@ class MultimodalProcessor:
             pixel_values=self._raw_pixels(conversation.image),
         )
 
-    def prompt(self, sample_id: str, question: str, image: Image.Image | None) -> ModelSample:
+    def prompt(self, sample_id: str, question: str, image: Image.Image | WordsInImageSlot | None) -> ModelSample:
+        if isinstance(image, WordsInImageSlot):
+            words = image.token_ids(self.tokenizer)
+            ids = torch.tensor(self.encoder.encode_prompt(question, True, [WORD_SLOT_ID] * len(words)))
+            return ModelSample(sample_id, ids, torch.full_like(ids, IGNORE_INDEX), None, slot_words=words)
         ids = torch.tensor(self.encoder.encode_prompt(question, has_image=image is not None))
         return ModelSample(
             id=sample_id, input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), pixel_values=self._pixels(image)
@@ -234,4 +243,5 @@ class MultimodalProcessor:
             pixel_values = torch.stack([self.finish_pixels(image) for image in images])
         else:
             pixel_values = torch.zeros((0, 3, *self.image_size))
-        return Batch([s.id for s in samples], input_ids, attention_mask, labels, pixel_values)
+        words = slot_word_inputs([s.slot_words for s in samples])
+        return Batch([s.id for s in samples], input_ids, attention_mask, labels, pixel_values, words)

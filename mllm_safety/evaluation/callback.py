@@ -10,7 +10,14 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from mllm_safety.evaluation.generation import Generation, GenerationSettings, gather_generations, generate_for_rank
+from mllm_safety.data.image_slot import WordsInImageSlot
+from mllm_safety.evaluation.generation import (
+    Generation,
+    GenerationSettings,
+    check_image_slots,
+    gather_generations,
+    generate_for_rank,
+)
 from mllm_safety.evaluation.judge import KEYWORD_JUDGES, KeywordJudge
 from mllm_safety.evaluation.metrics import (
     judge_and_reduce,
@@ -89,6 +96,7 @@ class SafetyEvalCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.sets = load_sets(self.benchmarks, self.limit)
+        check_image_slots(pl_module.model, self.sets)  # a probe this model cannot run stops the fit before it trains
         offsets = [sum(len(s.prompts) for s in self.sets[:i]) for i in range(len(self.sets))]
         self._table_indices = {
             offset + i
@@ -201,7 +209,9 @@ class SafetyEvalCallback(L.Callback):
         data = []
         for row in rows:
             prompt = row.prompt
-            image = _thumbnail(prompt.image.load()) if prompt.image is not None and row.reply is not None else None
+            image = None
+            if prompt.image is not None and row.reply is not None and not isinstance(prompt.image, WordsInImageSlot):
+                image = _thumbnail(prompt.image.load())
             verdict = VERDICTS["refusal"][codes[row.index]]
             data.append(
                 [

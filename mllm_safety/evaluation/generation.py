@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.data.processor import ModelSample
 from mllm_safety.evaluation.sampling import row_seed, sampling_processors
 from mllm_safety.evaluation.sets import BadImage, EvalPrompt, EvalSet, all_prompts
@@ -173,6 +174,7 @@ def generate_for_rank(
 ) -> list[Generation]:
     """Replies to this rank's slice of the sets' prompts (indices as in ``all_prompts(sets)``): the prompts of each
     generation setting (``settings`` with each set's protocol overrides) are dealt out and batched apart."""
+    check_image_slots(module.model, sets)
     prompts = all_prompts(sets)
     viewed = {s.name for s in sets if s.protocol is not None and s.protocol.paper_view}
     groups: dict[tuple, tuple[GenerationSettings, list[int]]] = {}
@@ -186,6 +188,14 @@ def generate_for_rank(
     for own, indices in groups.values():
         out += _generate_group(module, prompts, indices, rank, world, own, viewed)
     return out
+
+
+def check_image_slots(model, sets: list[EvalSet]) -> None:
+    """Before any generation: an error naming the set (its probe mode) and the model's family when a set fills the
+    image slot with words (the ``img2text`` probe) and the model's image slot cannot take them."""
+    for eval_set in sets:
+        if any(isinstance(p.image, WordsInImageSlot) for p in eval_set.prompts):
+            model.check_words_in_image_slot(f"set {eval_set.name} (the img2text probe)")
 
 
 def _generate_group(

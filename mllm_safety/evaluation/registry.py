@@ -24,7 +24,9 @@ class BenchmarkSpec:
     ``instruction`` when unset; mmsafetybench: default ``<path>/imgs``; vlguard: default ``test/`` beside
     ``test.json``; scienceqa: the test images (``<id>/image.png``); vizwiz: the val images; pope: COCO val2014."""
     modes: list[str] | None = None
-    """Which sets to build (default: the protocol's modes, else all of the benchmark's)."""
+    """Which sets to build (default: the protocol's modes, else the benchmark's default ones). The analysis probes
+    (``img2text``: the request's word embeddings in the image slot; mmsafetybench also ``matched_ocr``,
+    ``text2img``, ``white``) are built only when named."""
     protocol: str | None = None
     """Run the benchmark as a paper ran it (``paper``: figstep, mmsafetybench): its modes, judge, generation
     settings and headline ASR. Default: ours (advice categories apart, the evaluation's judge and settings)."""
@@ -58,7 +60,7 @@ def load_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> list[EvalSe
     """The eval sets of one benchmark; ``limit`` applies when the spec sets none."""
     task = TASKS[spec.name]
     protocol = spec.protocol_preset
-    modes = tuple(spec.modes or (protocol.modes if protocol else task.modes))
+    modes = tuple(spec.modes or (protocol.modes if protocol else task.default_modes or task.modes))
     sets = task.load(spec.path, spec.images, modes, **(protocol.load_options if protocol else {}))
     if protocol is not None:
         sets = [_under_protocol(s, protocol) for s in sets]

@@ -187,6 +187,7 @@ def summary_markdown(
             lines.append(f"| {s.name} | {label} | {prompts} | {values} |")
     means = " | ".join(format_figure("asr/mean", result.metrics[j].get("asr/mean")) for j in judges)
     lines.append(f"| **mean** | asr | | {means} |")
+    lines += probe_table(sets, result)
     protocols = [s for s in sets if s.protocol is not None]
     if protocols:
         lines += ["", "Protocols (the set's figures comparable with the paper's are its protocol judge's column):", ""]
@@ -229,6 +230,53 @@ def summary_markdown(
     if skipped:
         lines += ["", f"{skipped} prompt(s) skipped (images that failed to open): see `report.json`."]
     return "\n".join(lines) + "\n"
+
+
+PROBE_CHANNELS = {
+    "text": "text",
+    "img2text": "words in the image slot",
+    "white": "white image, words after it",
+    "matched_ocr": "words as pixels",
+    "text2img": "words as pixels, no prompt",
+    "typographic": "typographic image",
+    "sd_typo": "SD+TYPO image",
+}
+"""The modes the probe table sets side by side (``<benchmark>_<mode>`` sets), and what carries the request in each."""
+
+
+def probe_table(sets: list[EvalSet], result: EvaluationResult) -> list[str]:
+    """For each benchmark with an ``img2text`` set: the request's ASR as text, as words in the image slot and as
+    pixels side by side (and the benign twins' over-refusal where the sets have twins), so that "refused as words in
+    the image slot, answered as pixels" reads in one row. Each row is its ``img2text`` set's judge: its protocol's,
+    else the first judge."""
+    names = {s.name for s in sets}
+    twins = {s.contrast: s.name for s in sets if s.contrast is not None}
+    first = next(iter(result.metrics))
+    rows = []
+    for probe in (s for s in sets if s.harmful and s.name.endswith("_img2text")):
+        prefix = probe.name.removesuffix("_img2text")
+        judge = probe.protocol.judge if probe.protocol is not None else first
+        channels = {mode: f"{prefix}_{mode}" for mode in PROBE_CHANNELS if f"{prefix}_{mode}" in names}
+        rows.append((prefix, judge, "asr", {mode: f"asr/{name}" for mode, name in channels.items()}))
+        benign = {mode: f"over_refusal/{twins[name]}" for mode, name in channels.items() if name in twins}
+        if benign:
+            rows.append((prefix, judge, "over_refusal (benign twins)", benign))
+    if not rows:
+        return []
+    columns = [mode for mode in PROBE_CHANNELS if any(mode in figures for *_, figures in rows)]
+    lines = [
+        "",
+        "Words or pixels: the same request as text, as its word embeddings in the image slot (img2text) and as pixels:",
+        "",
+        "| benchmark | judge | figure | " + " | ".join(f"{m} ({PROBE_CHANNELS[m]})" for m in columns) + " |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for prefix, judge, label, figures in rows:
+        values = [
+            format_figure(figures[m], result.metrics[judge].get(figures[m])) if m in figures else "" for m in columns
+        ]
+        lines.append(f"| {prefix} | {judge} | {label} | " + " | ".join(values) + " |")
+    return lines
 
 
 def _paper_figure_note(eval_set: EvalSet) -> str:

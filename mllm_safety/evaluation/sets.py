@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.evaluation.typography import render_figstep, render_sd_typo, render_typo
 
 
@@ -100,7 +101,23 @@ class EncodedImage:
         return self.name
 
 
-ImageSource = ImageFile | FigStepImage | TypoImage | CaptionedImage | EncodedImage
+@dataclass(frozen=True)
+class WhiteImage:
+    """A blank white picture (the paper's ``white.jpg`` of its white-image probe); MM-SafetyBench's SD pictures'
+    size by default."""
+
+    size: int = 1024
+
+    def load(self) -> Image.Image:
+        return Image.new("RGB", (self.size, self.size), "white")
+
+    def describe(self) -> str:
+        return f"generated: white {self.size}x{self.size}"
+
+
+ImageSource = ImageFile | FigStepImage | TypoImage | CaptionedImage | EncodedImage | WhiteImage | WordsInImageSlot
+"""What fills a prompt's image slot: an image, opened or rendered at generation time, or words
+(:class:`~mllm_safety.data.image_slot.WordsInImageSlot`, the ``img2text`` probe)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,8 @@ class EvalPrompt:
     question: str
     """The text prompt given to the model (with an image, the text next to it)."""
     image: ImageSource | None
+    """What fills the image slot (an image, or words for the ``img2text`` probe); None for a text-only prompt. The
+    slot leads the question unless the question places ``<image>`` itself."""
     request: str
     """The request in plain words, whatever the attack: what a classifier judge reads as the user turn."""
     advice: bool = False
@@ -213,9 +232,16 @@ class Task:
 
     name: str
     modes: tuple[str, ...]
-    """Every mode; the default builds them all."""
+    """Every mode."""
     load: Callable[..., list[EvalSet]]
     needs_path: bool = True
     """False for sets bundled with the project."""
     protocols: Mapping[str, Protocol] = field(default_factory=dict)
     """Published protocols a benchmark entry can select by name (``protocol: paper``)."""
+    default_modes: tuple[str, ...] | None = None
+    """The modes built when an entry names none and has no protocol (default: every mode); analysis probes such as
+    ``img2text`` are asked for by name."""
+
+    def __post_init__(self) -> None:
+        if self.default_modes is not None and not set(self.default_modes) <= set(self.modes):
+            raise ValueError(f"task {self.name}: default modes {self.default_modes} are not all among {self.modes}")

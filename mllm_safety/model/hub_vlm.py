@@ -22,6 +22,8 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
     LogitsProcessorList,
     PretrainedConfig,
     PreTrainedModel,
@@ -34,7 +36,13 @@ from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.export_weights import write_weights
 from mllm_safety.model.legacy_processor import complete_legacy_processor
 from mllm_safety.model.lora import LoraSettings, inject_lora
-from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
+from mllm_safety.model.mllm import (
+    PLAIN_DECODING,
+    MultimodalOutput,
+    check_left_padded,
+    fill_word_slots,
+    reply_token_loss,
+)
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl, save_as_llava_config
 
 PART_PREFIXES: dict[str, str] = {
@@ -52,6 +60,9 @@ PART_PREFIXES: dict[str, str] = {
 """Where transformers 5 keeps the parts of an image-text-to-text model (parameter-name prefixes; the longest
 matching prefix wins, so Qwen's merger inside its vision tower is the projector, and LLaVA-NeXT's image newline
 embedding trains with the projector)."""
+
+WORD_SLOT_FAMILIES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
+"""Hub classes whose image slot words can fill (the ``img2text`` probe); Yi-VL's class is a LLaVA subclass."""
 
 
 @dataclass
@@ -235,6 +246,30 @@ class HubVLM(nn.Module):
             return dict(image_inputs)
         return {"pixel_values": pixel_values, **image_inputs}
 
+    @property
+    def family(self) -> str:
+        """The transformers class and model type, as errors name the model."""
+        return f"{type(self.hf).__name__} ({self.hf.config.model_type})"
+
+    def check_words_in_image_slot(self, what: str) -> None:
+        """An error naming ``what`` and the family unless words can fill this family's image slot: LLaVA's and
+        LLaVA-NeXT's (Yi-VL's) features are a run of positions of ordinary 1-D positions, which the LLM's input
+        embeddings of words can take; Qwen2.5-VL places image tokens on an M-RoPE grid and Idefics3 frames them with
+        tile tokens, so words there would not be what the probe means."""
+        if not isinstance(self.hf, WORD_SLOT_FAMILIES):
+            raise ValueError(
+                f"{what} puts word embeddings in the image slot, which only the LLaVA family supports (the assembled "
+                f"model, llava-hf LLaVA-1.5, LLaVA-NeXT, Yi-VL); this model is {self.family}"
+            )
+
+    def _words_in_slot(self, input_ids: torch.Tensor, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``input_ids`` with the image-slot positions that hold words given the words' ids (``slot_word_ids``, taken
+        out of ``image_inputs``), which the model then embeds where image features would be."""
+        slot_word_ids = image_inputs.pop("slot_word_ids", None)
+        if slot_word_ids is not None:
+            self.check_words_in_image_slot("a batch")
+        return fill_word_slots(input_ids, slot_word_ids)
+
     def _blank_image_term(self, images: dict) -> torch.Tensor | float:
         """``0 * features of a blank image`` when the batch has no image, else 0: every rank then runs the vision
         tower and projector in each step, as FSDP's collectives (and DDP's gradient buckets) require."""
@@ -252,6 +287,7 @@ class HubVLM(nn.Module):
         labels: torch.Tensor | None = None,
         **image_inputs: torch.Tensor,
     ) -> MultimodalOutput:
+        input_ids = self._words_in_slot(input_ids, image_inputs)
         images = self._images(pixel_values, image_inputs)
         blank = self._blank_image_term(images)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **images}
@@ -281,6 +317,7 @@ class HubVLM(nn.Module):
         seeded per row. ``eos_token_id`` defaults to the checkpoint's.
         """
         check_left_padded(attention_mask)
+        input_ids = self._words_in_slot(input_ids, image_inputs)
         images = self._images(pixel_values, image_inputs)
         self._blank_image_term(images)
         out = self.hf.generate(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, WORD_SLOT_ID
 from mllm_safety.model.lora import LoraSettings, apply_lora
 
 PLAIN_DECODING = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
@@ -46,6 +46,17 @@ def reply_token_loss(labels: torch.Tensor, logits_at: Callable[[torch.Tensor], t
     )
 
 
+def fill_word_slots(input_ids: torch.Tensor, slot_word_ids: torch.Tensor | None) -> torch.Tensor:
+    """``input_ids`` with each ``WORD_SLOT_ID`` position (an image slot that holds words, ``data.image_slot``) given
+    the next id of ``slot_word_ids`` in batch order: those positions then embed as the LLM's input embeddings of the
+    words, where projected image features would be."""
+    slots = input_ids == WORD_SLOT_ID
+    count, given = int(slots.sum()), 0 if slot_word_ids is None else slot_word_ids.numel()
+    if count != given:
+        raise ValueError(f"batch has {count} image-slot positions for words but {given} word ids to fill them")
+    return input_ids.masked_scatter(slots, slot_word_ids.to(input_ids.device)) if count else input_ids
+
+
 def check_left_padded(attention_mask: torch.Tensor) -> None:
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last position of every prompt must be a real token")
@@ -70,7 +81,8 @@ class MultimodalLM(nn.Module):
 
     Every image occupies ``vision.num_tokens`` consecutive positions of ``input_ids`` equal to ``image_token_id``;
     ``pixel_values`` holds the images of the batch in the order their positions appear (samples without an image
-    contribute none), so one batch may mix samples with and without images.
+    contribute none), so one batch may mix samples with and without images. An image slot that holds words instead
+    (the ``img2text`` probe) has one ``WORD_SLOT_ID`` position per word, filled from ``slot_word_ids`` the same way.
     """
 
     def __init__(
@@ -99,12 +111,19 @@ class MultimodalLM(nn.Module):
         """LoRA adapters on the LLM (never the projector or vision tower)."""
         self.llm = apply_lora(self.llm, settings)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image positions replaced by projected vision tokens.
+    def check_words_in_image_slot(self, what: str) -> None:
+        """Nothing to refuse: LLaVA's image slot is a run of positions that take any rows of the LLM's width."""
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, slot_word_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the image positions replaced by projected vision tokens, and the image-slot positions
+        that hold words by the words' input embeddings (:func:`fill_word_slots`).
 
         The vision path runs even for a batch without images (``pixel_values`` of length 0), so that ranks sharding
         the model always call the same modules in the same order.
         """
+        input_ids = fill_word_slots(input_ids, slot_word_ids)
         image_mask = input_ids == self.image_token_id
         text_ids = input_ids.masked_fill(image_mask, 0)
         embeds = self.llm.get_input_embeddings()(text_ids)
@@ -128,8 +147,9 @@ class MultimodalLM(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        slot_word_ids: torch.Tensor | None = None,
     ) -> MultimodalOutput:
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, slot_word_ids)
         # Positions count real tokens only, so left- and right-padded batches give the same logits.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if labels is None:
@@ -161,6 +181,7 @@ class MultimodalLM(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         logits_processor: LogitsProcessorList | None = None,
+        slot_word_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoding with KV cache for a left-padded batch; returns only the new tokens ``(B, <=max_new)``.
 
@@ -168,7 +189,7 @@ class MultimodalLM(nn.Module):
         per row), so that a row's reply never depends on the rows beside it.
         """
         check_left_padded(attention_mask)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, slot_word_ids)
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

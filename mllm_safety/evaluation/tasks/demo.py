@@ -15,6 +15,11 @@ Sets (``demo_<mode>``), every figure with its control:
 - ``shapes``: a utility set of questions about demo-world scenes drawn from a random stream of their own (never seen
   in training), phrased like the training questions, with one-word answers checked by :func:`answer_matches`
   (``accuracy``, and ``accuracy/<kind>`` for colour, count, presence, side).
+
+The paper's ``img2text`` probe, built only when named: ``img2text`` (harmful) and ``img2text_benign`` (its twin) ask
+the typographic prompt with the words the typographic image shows (statement and empty list) filling the image slot
+as token embeddings instead of pixels (``mllm_safety.data.image_slot``): beside ``typographic`` it tells a refusal
+of the words from a refusal of the picture.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from importlib import resources
 from pathlib import Path
 from statistics import fmean
 
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.data.synthetic import COLOURS, HELD_OUT_KINDS, held_out_scene_questions
 from mllm_safety.evaluation.files import set_name
 from mllm_safety.evaluation.sets import EncodedImage, EvalPrompt, EvalSet, FigStepImage, Task
-from mllm_safety.evaluation.typography import FIGSTEP_PROMPT
+from mllm_safety.evaluation.typography import FIGSTEP_PROMPT, figstep_text
 
 _FIELDS = ("id", "category", "question", "instruction", "benign", "benign_instruction")
 SHAPES_QUESTIONS = 36
@@ -155,14 +161,25 @@ def load_demo(path: str | None, images: str | None, modes: tuple[str, ...]) -> l
                 EvalPrompt(r.id, name, r.category, FIGSTEP_PROMPT, FigStepImage(r.instruction), r.question)
                 for r in demo.benign
             ]
+        elif mode in ("img2text", "img2text_benign"):
+            requests = demo.harmful if mode == "img2text" else demo.benign
+            prompts = [
+                EvalPrompt(
+                    r.id, name, r.category, FIGSTEP_PROMPT, WordsInImageSlot(figstep_text(r.instruction)), r.question
+                )
+                for r in requests
+            ]
         elif mode == "text":
             prompts = [EvalPrompt(r.id, name, r.category, r.question, None, r.question) for r in demo.harmful]
         else:
             prompts = [EvalPrompt(r.id, name, r.category, r.question, None, r.question) for r in demo.benign]
-        twin = {"benign": "text", "typographic_benign": "typographic"}.get(mode)
+        twin = {"benign": "text", "typographic_benign": "typographic", "img2text_benign": "img2text"}.get(mode)
         contrast = set_name("demo", twin) if twin in modes else None
         sets.append(EvalSet(name, "demo", twin is None, prompts, contrast, source))
     return sets
 
 
-TASK = Task("demo", ("typographic", "text", "benign", "typographic_benign", "shapes"), load_demo, needs_path=False)
+DEFAULT_MODES = ("typographic", "text", "benign", "typographic_benign", "shapes")
+TASK = Task(
+    "demo", (*DEFAULT_MODES, "img2text", "img2text_benign"), load_demo, needs_path=False, default_modes=DEFAULT_MODES
+)

@@ -8,6 +8,19 @@ pooled (``asr/<set>``); greedy, 512 new tokens; the paper's judge; MM-SafetyBenc
 judge script reads only the SD+TYPO replies (``*mix.json``) and pools its 13 scenarios: ``asr/mmsafetybench_sd_typo``
 is the paper's figure, the other modes are extra figures. Like its FigStep script, it judges
 ``decode(...).strip()[4:-4]``: reported beside each whole-reply ASR as ``asr/<set>/paper_view`` (``tasks/figstep.py``).
+
+The paper's analysis probes (the same script's ``--input-mode``), built only when named, with ``Q`` = "Changed
+Question" and ``P`` = "Rephrased Question(SD)" with "a phrase of" replaced by "a request about":
+
+- ``img2text``: ``Q``'s token embeddings (no BOS) fill the image slot; the prompt is ``P``, a newline, then the slot;
+- ``matched_ocr``: ``Q`` rendered as a TYPO image, prompt ``P``;
+- ``text2img``: that image alone (the prompt is the image and its newline);
+- ``white``: the paper's ``trial`` mode, a white image between ``P`` and ``Q``: ``P``, a newline, the image, then
+  ``Q`` as text (the same words as ``img2text``, with an image's features before them).
+
+The paper's ``matched_ocr`` pictures are not published: ``imgs/<scenario>/matched_ocr/<id>.jpg`` is read where the
+folder exists, otherwise ``Q`` is rendered (under the paper protocol too). Only the LLaVA family takes words in its
+image slot (``mllm_safety.data.image_slot``); ``img2text`` on another family stops before generating.
 """
 
 from __future__ import annotations
@@ -16,6 +29,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mllm_safety.constants import IMAGE_PLACEHOLDER
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.evaluation.files import existing, read_json, set_name
 from mllm_safety.evaluation.sets import (
     CaptionedImage,
@@ -26,12 +41,17 @@ from mllm_safety.evaluation.sets import (
     Protocol,
     Task,
     TypoImage,
+    WhiteImage,
 )
 
 MMSAFETYBENCH_ADVICE_SCENARIOS = frozenset({"Legal_Opinion", "Financial_Advice", "Health_Consultation"})
 """MM-SafetyBench scenarios of the same kind (``10-Legal_Opinion`` ...), reported apart for the same reason."""
 
 _MMSB_MODES = {"sd_typo": "SD_TYPO", "typo": "TYPO", "sd": "SD"}
+PROBE_MODES = ("img2text", "matched_ocr", "text2img", "white")
+"""The paper's analysis probes (see the module docstring)."""
+MATCHED_OCR_FOLDER = "matched_ocr"
+"""The paper's folder of ``Q`` rendered as text (``imgs/<scenario>/matched_ocr``), read where present."""
 
 
 def load_mmsafetybench(
@@ -50,7 +70,8 @@ def load_mmsafetybench(
     protocol: "Changed Question"). Missing TYPO images are rendered from the key phrase, missing SD_TYPO ones by
     captioning the SD picture; SD pictures cannot be rendered, so SD and SD+TYPO without them are an error.
     ``scenarios``: how many scenario files there must be (the paper's protocol pools all 13). ``published_images``:
-    never render, every image must be MM-SafetyBench's own (the paper's protocol).
+    never render, every image must be MM-SafetyBench's own (the paper's protocol). The analysis probes
+    (:data:`PROBE_MODES`) ask "Changed Question" and "Rephrased Question(SD)" whatever the protocol.
     """
     root = existing(path, "MM-SafetyBench data folder", folder=True)
     questions = existing(root / "processed_questions", "MM-SafetyBench questions folder", folder=True)
@@ -71,9 +92,13 @@ def load_mmsafetybench(
             raise ValueError(f"{file}: expected a JSON object of question id -> question record")
         advice = re.sub(r"^\d+-", "", scenario) in MMSAFETYBENCH_ADVICE_SCENARIOS
         folders = {mode: image_root / scenario / sub for mode, sub in _MMSB_MODES.items()}
+        matched = image_root / scenario / MATCHED_OCR_FOLDER
         for qid, record in records.items():
             for mode in modes:
-                question, image = _mmsb_prompt(file, qid, record, mode, folders, text_question, published_images)
+                if mode in PROBE_MODES:
+                    question, image = _probe_prompt(file, qid, record, mode, matched)
+                else:
+                    question, image = _mmsb_prompt(file, qid, record, mode, folders, text_question, published_images)
                 if image is not None and not isinstance(image, ImageFile):
                     rendered.add(mode)
                 prompts[mode].append(
@@ -90,6 +115,9 @@ def load_mmsafetybench(
     sets = []
     for mode, mode_prompts in prompts.items():
         how = "rendered" if mode in rendered else "from " + str(image_root)
+        how = {"img2text": "none: the Changed Question's words fill the image slot", "white": "generated (white)"}.get(
+            mode, how
+        )
         source = f"{questions}" + ("" if mode == "text" else f"; images {how}")
         sets.append(EvalSet(set_name("mmsafetybench", mode), "mmsafetybench", True, mode_prompts, source=source))
     return sets
@@ -100,6 +128,19 @@ def _field(file: Path, qid: str, record: Any, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{file}: question {qid!r} has no {name!r} text")
     return value
+
+
+def _probe_prompt(file: Path, qid: str, record: Any, mode: str, matched: Path) -> tuple[str, ImageSource]:
+    """The question and image-slot content of an analysis probe (the module docstring), as the paper's script lays
+    them out (``inp`` of ``evaluate_MM_llava_ablation.py``)."""
+    question = _field(file, qid, record, "Changed Question")
+    about = _field(file, qid, record, "Rephrased Question(SD)").replace("a phrase of", "a request about")
+    if mode == "img2text":
+        return f"{about}\n{IMAGE_PLACEHOLDER}", WordsInImageSlot(question)
+    if mode == "white":
+        return f"{about}\n{IMAGE_PLACEHOLDER}{question}", WhiteImage()
+    image = ImageFile(str(matched / f"{qid}.jpg")) if matched.is_dir() else TypoImage(question)
+    return (about if mode == "matched_ocr" else ""), image
 
 
 def _mmsb_prompt(
@@ -133,4 +174,10 @@ PAPER = Protocol(
     paper_figure_modes=("sd_typo",),
 )
 
-TASK = Task("mmsafetybench", ("sd_typo", "typo", "sd", "text"), load_mmsafetybench, protocols={"paper": PAPER})
+TASK = Task(
+    "mmsafetybench",
+    ("sd_typo", "typo", "sd", "text", *PROBE_MODES),
+    load_mmsafetybench,
+    protocols={"paper": PAPER},
+    default_modes=("sd_typo", "typo", "sd", "text"),
+)

@@ -11,6 +11,11 @@ request pairs of the world's bank:
 - ``utility``: everyday questions and word tasks on boards that no training set asks: accuracy of the answer
   (held-out benign image tasks).
 
+The ``img2text`` probe, built only when named: ``img2text`` / ``benign_img2text`` ask each typographic prompt with
+its board's words filling the image slot as token embeddings instead of the board's pixels
+(``mllm_safety.data.image_slot``): ASR and the twins' over-refusal of the same words in the same slot, beside text and
+typographic.
+
 Boards are rendered from the stored token pieces at evaluation time (``mllm_safety.world.typography``), so the file
 holds no images. A file of the same layout at ``path`` replaces the bundled one (the world driver writes SafeBench's
 questions that way, name ``world_safebench``).
@@ -27,12 +32,23 @@ from statistics import fmean
 
 from PIL import Image
 
+from mllm_safety.data.image_slot import WordsInImageSlot
 from mllm_safety.evaluation.files import read_json, set_name
 from mllm_safety.evaluation.sets import EvalPrompt, EvalSet, Task
 from mllm_safety.world.typography import render_board
 
 MODES = ("text", "typographic", "benign_text", "benign_typographic", "transcription", "utility")
-_CHANNEL = {"text": "text", "benign_text": "text", "typographic": "typographic", "benign_typographic": "typographic"}
+"""The modes of the file's prompts."""
+PROBES = {"img2text": "typographic", "benign_img2text": "benign_typographic"}
+"""Probe mode -> the file mode whose prompts it asks with the board's words in the image slot."""
+_CHANNEL = {
+    "text": "text",
+    "benign_text": "text",
+    "typographic": "typographic",
+    "benign_typographic": "typographic",
+    "img2text": "img2text",
+    "benign_img2text": "img2text",
+}
 _FIELDS = {"mode", "id", "category", "question", "pieces", "request", "target"}
 
 
@@ -94,6 +110,13 @@ def load_world_file(path: str | None) -> tuple[str, list[dict]]:
     return data["name"], data["prompts"]
 
 
+def _slot(entry: dict, mode: str) -> BoardImage | WordsInImageSlot | None:
+    """What fills the prompt's image slot: its board, the board's words for a probe, or nothing (text prompts)."""
+    if entry["pieces"] is None:
+        return None
+    return WordsInImageSlot("".join(entry["pieces"])) if mode in PROBES else BoardImage(tuple(entry["pieces"]))
+
+
 def load_world(path: str | None, images: str | None, modes: tuple[str, ...]) -> list[EvalSet]:
     """One set per requested mode that the file has prompts for (see the module docstring)."""
     name, entries = load_world_file(path)
@@ -102,17 +125,9 @@ def load_world(path: str | None, images: str | None, modes: tuple[str, ...]) -> 
     for mode in modes:
         set_id = set_name(name, mode)
         prompts = [
-            EvalPrompt(
-                e["id"],
-                set_id,
-                e["category"],
-                e["question"],
-                BoardImage(tuple(e["pieces"])) if e["pieces"] is not None else None,
-                e["request"],
-                target=e["target"],
-            )
+            EvalPrompt(e["id"], set_id, e["category"], e["question"], _slot(e, mode), e["request"], target=e["target"])
             for e in entries
-            if e["mode"] == mode
+            if e["mode"] == PROBES.get(mode, mode)
         ]
         if not prompts and path is not None:
             continue  # a file with fewer modes (SafeBench has no twins)
@@ -127,4 +142,4 @@ def load_world(path: str | None, images: str | None, modes: tuple[str, ...]) -> 
     return sets
 
 
-TASK = Task("world", MODES, load_world, needs_path=False)
+TASK = Task("world", (*MODES, *PROBES), load_world, needs_path=False, default_modes=MODES)
