@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
 from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
+from mllm_safety.model.placement import load_onto
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
 PART_PREFIXES: dict[str, str] = {
@@ -132,8 +133,11 @@ def load_hub_processor(path: str, options: HubOptions):
     return processor
 
 
-def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torch.float32) -> tuple[HubVLM, Any]:
-    """The checkpoint as a :class:`HubVLM`, and its transformers processor."""
+def load_hub_vlm(
+    path: str, options: HubOptions, dtype: torch.dtype | str = torch.float32, device: torch.device | None = None
+) -> tuple[HubVLM, Any]:
+    """The checkpoint as a :class:`HubVLM`, its weights read straight onto ``device``, and its transformers
+    processor."""
     config = read_hub_config(path, options.trust_remote_code)
     cls = model_class(config, path)
     processor = load_hub_processor(path, options)
@@ -144,7 +148,9 @@ def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torc
         model = cls._from_config(config, dtype=dtype)
     else:
         try:
-            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+            model, info = cls.from_pretrained(
+                path, dtype=dtype, output_loading_info=True, **(load_onto(device) | kwargs)
+            )
         except OSError as error:
             raise FileNotFoundError(f"{path!r}: the weights cannot be read ({error})") from error
         if info["missing_keys"]:

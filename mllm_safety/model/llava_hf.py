@@ -29,6 +29,7 @@ from mllm_safety.constants import IMAGE_PLACEHOLDER
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import merged_llm_tensors, named_tensors
 from mllm_safety.model.mllm import MultimodalLM
+from mllm_safety.model.placement import load_onto
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
 
 
@@ -84,15 +85,16 @@ def load_llava_hf(
     dtype: torch.dtype | str = torch.float32,
     image_aspect_ratio: ImageAspectRatio = "pad",
     load_weights: bool = True,
+    device: torch.device | None = None,
     **from_pretrained_kwargs: Any,
 ) -> MultimodalLM:
     """A ``MultimodalLM`` made of the checkpoint's parts; input ids use the checkpoint's ``image_token_index``.
 
-    ``dtype`` is a torch dtype or ``"auto"`` (the checkpoint's own).
+    ``dtype`` is a torch dtype or ``"auto"`` (the checkpoint's own); the weights are read straight onto ``device``.
     """
     config = read_llava_config(path)
     if load_weights:
-        llava = _from_pretrained(path, dtype, from_pretrained_kwargs)
+        llava = _from_pretrained(path, dtype, load_onto(device) | from_pretrained_kwargs)
     else:
         llava = LlavaForConditionalGeneration._from_config(config, dtype=_resolve_dtype(dtype, config))
     tower = llava.model.vision_tower
