@@ -273,3 +273,23 @@ def test_gradient_checkpointing_and_bf16_frozen_weights(hub_checkpoint):
     assert {p.dtype for p in module.model.parameters() if p.requires_grad} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(module.model(**batch.model_inputs()).loss)
+
+
+def count_calls(modules):
+    """A list that grows by one each time any of ``modules`` runs forward."""
+    calls = []
+    for module in modules:
+        module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_generation_of_an_unsharded_model_runs_the_vision_tower_only_for_images(family):
+    name, _, module = family
+    processor, model = module.processor, module.model
+    calls = count_calls(model.part_modules()["vision"])
+    text_only = processor.collate([processor.prompt("t", "Say hello.", None)], "left")
+    model.generate(**text_only.generation_inputs(), max_new_tokens=2)
+    assert calls == [], f"{name}: a text-only batch needs no blank image unless the model is sharded"
+    with_image = processor.collate([processor.prompt("i", "What is it?", picture("red", (40, 30)))], "left")
+    model.generate(**with_image.generation_inputs(), max_new_tokens=2)
+    assert calls, f"{name}: the hook counts the tower's calls"

@@ -31,7 +31,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import LoraSettings, inject_lora, merged_tensors
-from mllm_safety.model.mllm import PLAIN_DECODING, MultimodalOutput, check_left_padded, reply_token_loss
+from mllm_safety.model.mllm import (
+    PLAIN_DECODING,
+    MultimodalOutput,
+    check_left_padded,
+    is_sharded,
+    reply_token_loss,
+)
 from mllm_safety.model.placement import load_onto
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
@@ -269,7 +275,8 @@ class HubVLM(nn.Module):
         """
         check_left_padded(attention_mask)
         images = self._images(pixel_values, image_inputs)
-        self._blank_image_term(images)
+        if is_sharded(self):  # every rank runs the sharded vision tower as often as the others (see forward)
+            self._blank_image_term(images)
         out = self.hf.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

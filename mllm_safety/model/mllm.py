@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -44,6 +45,12 @@ def reply_token_loss(labels: torch.Tensor, logits_at: Callable[[torch.Tensor], t
     return MultimodalOutput(
         loss=loss_sum / num_label_tokens.clamp(min=1), logits=logits, num_label_tokens=num_label_tokens
     )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``fully_shard``): its ranks must then run the same modules the same
+    number of times, since every sharded module all-gathers its weights in a collective."""
+    return isinstance(model, FSDPModule)
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -99,17 +106,19 @@ class MultimodalLM(nn.Module):
         """LoRA adapters on the LLM (never the projector or vision tower)."""
         self.llm = apply_lora(self.llm, settings)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, blank_image: bool = True) -> torch.Tensor:
         """Token embeddings with the image positions replaced by projected vision tokens.
 
-        The vision path runs even for a batch without images (``pixel_values`` of length 0), so that ranks sharding
-        the model always call the same modules in the same order.
+        With ``blank_image`` the vision path runs even for a batch without images (``pixel_values`` of length 0), so
+        that ranks always call the same modules in the same order.
         """
         image_mask = input_ids == self.image_token_id
         text_ids = input_ids.masked_fill(image_mask, 0)
         embeds = self.llm.get_input_embeddings()(text_ids)
         num_positions = int(image_mask.sum())
         if pixel_values.shape[0] == 0 and num_positions == 0:
+            if not blank_image:
+                return embeds
             # Towers fail on an empty batch: run one blank image and add it with weight 0, which keeps vision and
             # projector in the autograd graph (DDP and FSDP expect every rank to use the same parameters).
             blank = pixel_values.new_zeros((1, *pixel_values.shape[1:]), dtype=embeds.dtype)
@@ -168,7 +177,8 @@ class MultimodalLM(nn.Module):
         per row), so that a row's reply never depends on the rows beside it.
         """
         check_left_padded(attention_mask)
-        embeds = self.embed(input_ids, pixel_values)
+        # Without gradients only FSDP needs the blank image (its all-gathers are collectives every rank must join).
+        embeds = self.embed(input_ids, pixel_values, blank_image=is_sharded(self))
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
