@@ -39,6 +39,7 @@ from mllm_safety.model.mllm import (
     reply_token_loss,
 )
 from mllm_safety.model.placement import load_onto
+from mllm_safety.model.tokenizer_files import missing_tokenizer_files
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl
 
 PART_PREFIXES: dict[str, str] = {
@@ -116,7 +117,9 @@ def load_hub_processor(path: str, options: HubOptions):
         processor = AutoProcessor.from_pretrained(
             path, trust_remote_code=options.trust_remote_code, **options.processor_kwargs
         )
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        if missing := missing_tokenizer_files(path):
+            raise FileNotFoundError(missing) from error
         raise FileNotFoundError(
             f"{path!r} has no readable processor (processor_config.json, preprocessor_config.json and the "
             f"tokenizer files): {error}"

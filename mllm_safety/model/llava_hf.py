@@ -30,6 +30,7 @@ from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.lora import merged_llm_tensors, named_tensors
 from mllm_safety.model.mllm import MultimodalLM
 from mllm_safety.model.placement import load_onto
+from mllm_safety.model.tokenizer_files import missing_tokenizer_files
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
 
 
@@ -150,8 +151,10 @@ def load_llava_tokenizer(path: str, chat_template: str | None = None) -> PreTrai
     config = read_llava_config(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"{path!r} has no readable tokenizer: {error}") from error
+    except (OSError, ValueError, ImportError) as error:
+        raise FileNotFoundError(
+            missing_tokenizer_files(path) or f"{path!r} has no readable tokenizer: {error}"
+        ) from error
     image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
     if tokenizer.convert_tokens_to_ids(image_token) != config.image_token_index:
         raise ValueError(
