@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from mllm_safety.cli import rank_device
 from mllm_safety.fit import SafetyCLI
+from mllm_safety.model.placement import random_init_device
 from mllm_safety.train import module
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -95,3 +96,5 @@ def test_random_weights_are_drawn_on_the_cpu_with_the_seeds_values(ranks_on_meta
         assert ranked.keys() == plain.keys() and len(ranked) > 1
         assert all(torch.equal(ranked[name], plain[name]) for name in ranked), part
     assert any(p.abs().sum() > 0 for p in on_cpu.projector.parameters()), "the projector is drawn, not zeros"
+    assert random_init_device(torch.device("cuda", 1)) == torch.device("cpu"), "a GPU rank draws on the CPU"
+    assert random_init_device(META) == META, "a dry run on the meta device allocates nothing"
