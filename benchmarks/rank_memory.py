@@ -7,7 +7,8 @@ prints one JSON line per rank:
 - ``imports_rss_mb``: the resident set size after the imports;
 - ``built_rss_mb`` and ``llm_device``: the resident size right after the command line built the model (before the
   trainer moved anything) and where the LLM's weights were then;
-- ``peak_rss_mb`` (``ru_maxrss``) and ``final_rss_mb``: over the whole run, and at its end.
+- ``peak_rss_mb`` (``ru_maxrss``) and ``final_rss_mb``: over the whole run, and at its end, the latter split into
+  ``final_anon_mb`` (allocated) and ``final_file_mb`` (mapped files).
 
 On CPUs a rank's device is host memory, so every figure holds the model whatever the code does (``built_rss_mb``
 stays low because safetensors are memory-mapped and read when first used). On GPUs (``--accelerator gpu``, one
@@ -28,12 +29,13 @@ import tempfile
 from pathlib import Path
 
 
-def current_rss_mb() -> float:
-    """The resident set size now (``VmRSS``), in MiB."""
+def current_rss_mb(field: str = "VmRSS") -> float:
+    """A resident size now, in MiB: ``VmRSS`` (all), ``RssAnon`` (memory the process allocated) or ``RssFile``
+    (mapped files, such as memory-mapped safetensors, shared between processes)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def rank_figures(cli) -> dict:
@@ -43,6 +45,8 @@ def rank_figures(cli) -> dict:
         "llm_weights_mb": round(sum(p.numel() * p.element_size() for p in llm) / 2**20, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_rss_mb": round(current_rss_mb(), 1),
+        "final_anon_mb": round(current_rss_mb("RssAnon"), 1),
+        "final_file_mb": round(current_rss_mb("RssFile"), 1),
     }
 
 
