@@ -15,12 +15,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mllm_safety.data.datamodule import SafetyDataModule
+from mllm_safety.train.lightning_compat import each_process_builds_its_model, instantiate_model_later
 from mllm_safety.train.module import SafetyAlignModule
 from mllm_safety.train.resume import newest_checkpoint
 from mllm_safety.train.slurm import SlurmRequeue
@@ -60,11 +65,30 @@ class RunCLI(LightningCLI):
     def add_entry_arguments(self, parser: LightningArgumentParser) -> None:
         """The entry point's own options (none for ``fit``)."""
 
-    def build_model(self) -> None:
-        """Build the model, and the config's other classes that cost nothing until used (data module, callbacks,
-        logger), but not the trainer: its devices need not exist where a run is evaluated or exported."""
-        self.config_init = self.parser.instantiate_classes(self.config)
-        self.model = self._get(self.config_init, "model")
+    def instantiate_classes(self) -> None:
+        """The config's classes and the trainer, then the model on the rank's device (:func:`rank_device`)."""
+        self.config_init = self.parser.instantiate_classes(
+            self.config, instantiators=[(instantiate_model_later(self), SafetyAlignModule, True)]
+        )
+        self.datamodule = self._get(self.config_init, "data")
+        self.trainer = self.instantiate_trainer()
+        self.model = self._build_model_on(rank_device(self.trainer.strategy))
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+
+    def build_model(self, device: torch.device | str = "cpu") -> None:
+        """Build the model on ``device``, and the config's other classes that cost nothing until used (data module,
+        callbacks, logger), but not the trainer: its devices need not exist where a run is evaluated or exported."""
+        self.config_init = self.parser.instantiate_classes(
+            self.config, instantiators=[(instantiate_model_later(self), SafetyAlignModule, True)]
+        )
+        self.model = self._build_model_on(torch.device(device))
+
+    def _build_model_on(self, device: torch.device) -> SafetyAlignModule:
+        """The model, its checkpoint weights read straight onto ``device`` (see ``mllm_safety.model.placement``)."""
+        with torch.device(device):
+            model = self._get(self.config_init, "model")()
+        self.config_init[f"{self.subcommand}.model" if self.subcommand else "model"] = model
+        return model
 
     def checkpoint_folders(self) -> list[Path]:
         """The run's checkpoint folders (:func:`run_folders`) as its config names them; none without a root."""
@@ -107,6 +131,21 @@ def sweep_run_folder(root: str | Path) -> Path:
     overwrite) checkpoints; else ``root``."""
     sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     return Path(root) / f"sweep-{sweep}" / run if sweep and run else Path(root)
+
+
+def rank_device(strategy: Any) -> torch.device:
+    """The device a rank builds its model on, given the strategy of its trainer (or Fabric).
+
+    The rank's own device where each process builds its own model (Lightning starts the command once per device;
+    torchrun and SLURM start every rank) and holds it whole (DDP, one device): the checkpoint's weights then go straight
+    to the GPU, and no rank holds a full copy in host memory (8 ranks x 17 GB for an 8B model in bf16). The CPU where
+    the strategy shards a model built whole (FSDP2), and where one process builds the model for the processes it
+    forks or spawns.
+    """
+    sharded = isinstance(strategy, ModelParallelStrategy) or (
+        isinstance(strategy, Strategy) and is_overridden("model_sharded_context", strategy, parent=Strategy)
+    )
+    return strategy.root_device if each_process_builds_its_model(strategy) and not sharded else torch.device("cpu")
 
 
 def run_folders(root: Path, dirpaths: list[str | None]) -> list[Path]:

@@ -32,7 +32,7 @@ from jsonargparse import Namespace
 from lightning.fabric import Fabric
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mllm_safety.cli import RunCLI
+from mllm_safety.cli import RunCLI, rank_device
 from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.files import read_json
 from mllm_safety.evaluation.generation import GenerationSettings, gather_generations, generate_for_rank
@@ -106,8 +106,17 @@ class EvaluateCLI(RunCLI):
             self.ckpt_path = self.resolve_ckpt_path(self.checkpoint_folders(), required=False)
 
     def instantiate_classes(self) -> None:
+        """The devices first (``fabric``, one process per device), then the model on this rank's device."""
         if self.config.rescore is None:
-            self.build_model()
+            trainer = self.config.trainer
+            self.fabric = Fabric(
+                accelerator=trainer.accelerator,
+                devices=trainer.devices,
+                num_nodes=trainer.num_nodes,
+                precision=trainer.precision,
+            )
+            self.fabric.launch()
+            self.build_model(rank_device(self.fabric.strategy))
 
     def training_callback(self) -> SafetyEvalCallback | None:
         """The config's SafetyEvalCallback (built), whose benchmarks and generation settings are the defaults."""
@@ -128,14 +137,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
     if cfg.rescore is not None:
         return rescore(cfg)
     ckpt_path = cli.ckpt_path
-    trainer = cfg.trainer
-    fabric = Fabric(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        precision=trainer.precision,
-    )
-    fabric.launch()
+    fabric = cli.fabric
     settings: EvaluationSettings = cli.config_init.eval
     callback = cli.training_callback()
     specs = settings.benchmarks or (callback.benchmarks if callback else [BenchmarkSpec("demo")])

@@ -349,3 +349,23 @@ def test_llava_v1_template_places_the_image_for_a_hub_llava_checkpoint(tiny_llav
     eos = processor.tokenizer.eos_token
     runs = [run.strip() for run in labelled_runs(sample, processor.tokenizer)]
     assert runs == [f"A red box on white.{eos}", f"It was painted.{eos}"]
+
+
+def count_calls(modules):
+    """A list that grows by one each time any of ``modules`` runs forward."""
+    calls = []
+    for module in modules:
+        module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_generation_of_an_unsharded_model_runs_the_vision_tower_only_for_images(family):
+    name, _, module = family
+    processor, model = module.processor, module.model
+    calls = count_calls(model.part_modules()["vision"])
+    text_only = processor.collate([processor.prompt("t", "Say hello.", None)], "left")
+    model.generate(**text_only.generation_inputs(), max_new_tokens=2)
+    assert calls == [], f"{name}: a text-only batch needs no blank image unless the model is sharded"
+    with_image = processor.collate([processor.prompt("i", "What is it?", picture("red", (40, 30)))], "left")
+    model.generate(**with_image.generation_inputs(), max_new_tokens=2)
+    assert calls, f"{name}: the hook counts the tower's calls"

@@ -91,6 +91,18 @@ def test_text_only_batch_still_runs_the_vision_path(model_and_processor):
     assert all(p.grad is not None for p in model.projector.parameters()), "projector must take part in every step"
 
 
+def test_generation_of_an_unsharded_model_runs_the_vision_tower_only_for_images(model_and_processor):
+    model, processor = model_and_processor
+    calls = []
+    model.vision.register_forward_hook(lambda *_: calls.append(1))
+    text_only = processor.collate([processor.prompt("t", "Say hello.", None)], padding_side="left")
+    model.generate(text_only.input_ids, text_only.attention_mask, text_only.pixel_values, 2)
+    assert calls == [], "a text-only batch needs no blank image unless the model is sharded"
+    with_image = processor.collate([processor.prompt("i", "What is it?", image("red"))], padding_side="left")
+    model.generate(with_image.input_ids, with_image.attention_mask, with_image.pixel_values, 2)
+    assert calls == [1], "the hook counts the tower's calls"
+
+
 def test_image_token_count_mismatch_is_an_error(model_and_processor):
     model, processor = model_and_processor
     batch = processor.collate([sample(processor, "a", "Describe.", "Red.", image("red"))])

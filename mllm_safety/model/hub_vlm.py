@@ -41,8 +41,11 @@ from mllm_safety.model.mllm import (
     MultimodalOutput,
     check_left_padded,
     fill_word_slots,
+    is_sharded,
     reply_token_loss,
 )
+from mllm_safety.model.placement import load_onto
+from mllm_safety.model.tokenizer_files import missing_tokenizer_files
 from mllm_safety.model.yi_vl import YiVLForConditionalGeneration, is_yi_vl, save_as_llava_config
 
 PART_PREFIXES: dict[str, str] = {
@@ -125,7 +128,9 @@ def load_hub_processor(path: str, options: HubOptions):
         processor = AutoProcessor.from_pretrained(
             path, trust_remote_code=options.trust_remote_code, **options.processor_kwargs
         )
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        if missing := missing_tokenizer_files(path):
+            raise FileNotFoundError(missing) from error
         raise FileNotFoundError(
             f"{path!r} has no readable processor (processor_config.json, preprocessor_config.json and the "
             f"tokenizer files): {error}"
@@ -150,8 +155,11 @@ def load_hub_processor(path: str, options: HubOptions):
     return processor
 
 
-def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torch.float32) -> tuple[HubVLM, Any]:
-    """The checkpoint as a :class:`HubVLM`, and its transformers processor."""
+def load_hub_vlm(
+    path: str, options: HubOptions, dtype: torch.dtype | str = torch.float32, device: torch.device | None = None
+) -> tuple[HubVLM, Any]:
+    """The checkpoint as a :class:`HubVLM`, its weights read straight onto ``device``, and its transformers
+    processor."""
     config = read_hub_config(path, options.trust_remote_code)
     cls = model_class(config, path)
     processor = load_hub_processor(path, options)
@@ -162,7 +170,9 @@ def load_hub_vlm(path: str, options: HubOptions, dtype: torch.dtype | str = torc
         model = cls._from_config(config, dtype=dtype)
     else:
         try:
-            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+            model, info = cls.from_pretrained(
+                path, dtype=dtype, output_loading_info=True, **(load_onto(device) | kwargs)
+            )
         except OSError as error:
             raise FileNotFoundError(f"{path!r}: the weights cannot be read ({error})") from error
         if info["missing_keys"]:
@@ -319,7 +329,8 @@ class HubVLM(nn.Module):
         check_left_padded(attention_mask)
         input_ids = self._words_in_slot(input_ids, image_inputs)
         images = self._images(pixel_values, image_inputs)
-        self._blank_image_term(images)
+        if is_sharded(self):  # every rank runs the sharded vision tower as often as the others (see forward)
+            self._blank_image_term(images)
         out = self.hf.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

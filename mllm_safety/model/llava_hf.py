@@ -31,6 +31,8 @@ from mllm_safety.model.chat_templates import named_chat_template
 from mllm_safety.model.export_weights import EXPORT_SHARD_SIZE, fold_and_cast
 from mllm_safety.model.lora import named_tensors, plain_named_tensors
 from mllm_safety.model.mllm import MultimodalLM
+from mllm_safety.model.placement import load_onto
+from mllm_safety.model.tokenizer_files import missing_tokenizer_files
 from mllm_safety.model.vision import HFVisionEncoder, ImageAspectRatio, load_image_processor
 
 
@@ -86,15 +88,16 @@ def load_llava_hf(
     dtype: torch.dtype | str = torch.float32,
     image_aspect_ratio: ImageAspectRatio = "pad",
     load_weights: bool = True,
+    device: torch.device | None = None,
     **from_pretrained_kwargs: Any,
 ) -> MultimodalLM:
     """A ``MultimodalLM`` made of the checkpoint's parts; input ids use the checkpoint's ``image_token_index``.
 
-    ``dtype`` is a torch dtype or ``"auto"`` (the checkpoint's own).
+    ``dtype`` is a torch dtype or ``"auto"`` (the checkpoint's own); the weights are read straight onto ``device``.
     """
     config = read_llava_config(path)
     if load_weights:
-        llava = _from_pretrained(path, dtype, from_pretrained_kwargs)
+        llava = _from_pretrained(path, dtype, load_onto(device) | from_pretrained_kwargs)
     else:
         llava = LlavaForConditionalGeneration._from_config(config, dtype=_resolve_dtype(dtype, config))
     tower = llava.model.vision_tower
@@ -156,8 +159,10 @@ def load_llava_tokenizer(path: str, chat_template: str | None = None) -> PreTrai
     config = read_llava_config(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"{path!r} has no readable tokenizer: {error}") from error
+    except (OSError, ValueError, ImportError) as error:
+        raise FileNotFoundError(
+            missing_tokenizer_files(path) or f"{path!r} has no readable tokenizer: {error}"
+        ) from error
     image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
     if tokenizer.convert_tokens_to_ids(image_token) != config.image_token_index:
         raise ValueError(

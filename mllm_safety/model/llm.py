@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm_safety.constants import cache_dir
+from mllm_safety.model.placement import load_onto
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,14 @@ def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+def load_llm(
+    config: LLMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, device: torch.device | None = None
+) -> PreTrainedModel:
+    """The LLM; weights read from the checkpoint go straight to ``device`` (random ones follow the device context)."""
     path = resolve_llm_path(config.name)
     if config.random_init is None:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=config.trust_remote_code, **config.extra_kwargs
+            path, dtype=dtype, trust_remote_code=config.trust_remote_code, **(load_onto(device) | config.extra_kwargs)
         )
     llm_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     for key, value in config.random_init.items():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from mllm_safety.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, WORD_SLOT_ID
@@ -55,6 +56,12 @@ def fill_word_slots(input_ids: torch.Tensor, slot_word_ids: torch.Tensor | None)
     if count != given:
         raise ValueError(f"batch has {count} image-slot positions for words but {given} word ids to fill them")
     return input_ids.masked_scatter(slots, slot_word_ids.to(input_ids.device)) if count else input_ids
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``fully_shard``): its ranks must then run the same modules the same
+    number of times, since every sharded module all-gathers its weights in a collective."""
+    return isinstance(model, FSDPModule)
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -115,13 +122,17 @@ class MultimodalLM(nn.Module):
         """Nothing to refuse: LLaVA's image slot is a run of positions that take any rows of the LLM's width."""
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, slot_word_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        slot_word_ids: torch.Tensor | None = None,
+        blank_image: bool = True,
     ) -> torch.Tensor:
         """Token embeddings with the image positions replaced by projected vision tokens, and the image-slot positions
         that hold words by the words' input embeddings (:func:`fill_word_slots`).
 
-        The vision path runs even for a batch without images (``pixel_values`` of length 0), so that ranks sharding
-        the model always call the same modules in the same order.
+        With ``blank_image`` the vision path runs even for a batch without images (``pixel_values`` of length 0), so
+        that ranks always call the same modules in the same order.
         """
         input_ids = fill_word_slots(input_ids, slot_word_ids)
         image_mask = input_ids == self.image_token_id
@@ -129,6 +140,8 @@ class MultimodalLM(nn.Module):
         embeds = self.llm.get_input_embeddings()(text_ids)
         num_positions = int(image_mask.sum())
         if pixel_values.shape[0] == 0 and num_positions == 0:
+            if not blank_image:
+                return embeds
             # Towers fail on an empty batch: run one blank image and add it with weight 0, which keeps vision and
             # projector in the autograd graph (DDP and FSDP expect every rank to use the same parameters).
             blank = pixel_values.new_zeros((1, *pixel_values.shape[1:]), dtype=embeds.dtype)
@@ -189,7 +202,8 @@ class MultimodalLM(nn.Module):
         per row), so that a row's reply never depends on the rows beside it.
         """
         check_left_padded(attention_mask)
-        embeds = self.embed(input_ids, pixel_values, slot_word_ids)
+        # Without gradients only FSDP needs the blank image (its all-gathers are collectives every rank must join).
+        embeds = self.embed(input_ids, pixel_values, slot_word_ids, blank_image=is_sharded(self))
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

@@ -20,6 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 
+from mllm_safety.model.placement import load_onto
+
 _OPEN_CLIP_CONFIGS = Path(__file__).parent / "open_clip_configs"
 open_clip.add_model_config(_OPEN_CLIP_CONFIGS)
 
@@ -236,15 +238,18 @@ class HFVisionEncoder(nn.Module):
         return hidden[:, 1:] if self.has_cls and not self.keep_cls else hidden
 
 
-def load_hf_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The vision tower of a CLIP or SigLIP checkpoint (a full dual-encoder model or a vision-only one)."""
+def load_hf_vision_tower(
+    path: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> PreTrainedModel:
+    """The vision tower of a CLIP or SigLIP checkpoint (a full dual-encoder model or a vision-only one), its weights
+    read straight onto ``device``."""
     model_type = _config_of(path).model_type
     if model_type not in HF_VISION_TOWERS:
         raise ValueError(
             f"vision.path {path!r} holds a {model_type!r} model; the hf backend reads CLIP or SigLIP "
             f"({', '.join(sorted(HF_VISION_TOWERS))})"
         )
-    return HF_VISION_TOWERS[model_type].from_pretrained(path, dtype=dtype)
+    return HF_VISION_TOWERS[model_type].from_pretrained(path, dtype=dtype, **load_onto(device))
 
 
 def load_image_processor(path: str):
@@ -266,13 +271,16 @@ def _config_of(path: str):
         ) from error
 
 
-def build_vision_encoder(config: VisionConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_vision_encoder(
+    config: VisionConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> nn.Module:
     """The encoder ``config`` describes; both kinds expose ``image_transform``, ``image_size``, ``num_tokens`` and
-    ``hidden_size``."""
+    ``hidden_size``. A Hugging Face tower's weights are read straight onto ``device``; open_clip reads its checkpoint
+    on the CPU (a tower, not the LLM) and Lightning moves it."""
     if config.backend == "open_clip":
         return OpenClipVisionEncoder(config).to(dtype)
     return HFVisionEncoder(
-        load_hf_vision_tower(config.path, dtype),
+        load_hf_vision_tower(config.path, dtype, device),
         load_image_processor(config.path),
         config.select_layer,
         config.keep_cls,

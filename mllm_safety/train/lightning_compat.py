@@ -7,12 +7,20 @@ Each function names the upstream issue it works around, so it can go once the is
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.fabric.strategies.launchers.subprocess_script import (
+    _SubprocessScriptLauncher as _FabricSubprocessScriptLauncher,
+)
 from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from packaging.version import Version
 
 TESTED_LIGHTNING = (Version("2.4"), Version("2.7"))
@@ -57,3 +65,24 @@ def shard_over_every_rank(strategy: ModelParallelStrategy) -> None:
     documented); FSDP alone should shard over every rank. Call before ``ModelParallelStrategy.setup_environment``.
     """
     strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes
+
+
+def instantiate_model_later(cli: LightningCLI) -> Callable[..., functools.partial]:
+    """A jsonargparse instantiator for the CLI's model class that returns the call to make once the trainer (and so
+    the rank's device) exists, through Lightning's own instantiator, which records the config as the model's
+    hyperparameters (LightningCLI instantiates the model before the trainer)."""
+    lightning_instantiator = _InstantiatorFn(cli=cli, key="model")
+
+    def later(class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> functools.partial:
+        links = {"applied_instantiation_links": applied_instantiation_links}
+        return functools.partial(lightning_instantiator, class_type, *args, **links, **kwargs)
+
+    return later
+
+
+def each_process_builds_its_model(strategy: Any) -> bool:
+    """Whether every process of ``strategy`` (a Trainer's or Fabric's) runs the command and builds its own model:
+    one process, Lightning's launcher starting the command once per device, torchrun or SLURM; not ``ddp_spawn`` /
+    ``ddp_fork``, where one process builds the model for the processes it starts."""
+    launcher = strategy.launcher
+    return launcher is None or isinstance(launcher, (_SubprocessScriptLauncher, _FabricSubprocessScriptLauncher))

@@ -21,6 +21,7 @@ from mllm_safety.model.llava_hf import LlavaHFConfig, load_llava_hf, load_llava_
 from mllm_safety.model.llm import LLMConfig, load_llm, load_tokenizer, stop_token_ids
 from mllm_safety.model.lora import LoraSettings
 from mllm_safety.model.mllm import MultimodalLM
+from mllm_safety.model.placement import context_device, random_init_device
 from mllm_safety.model.projector import build_projector
 from mllm_safety.model.trainable import (
     FINGERPRINTS_KEY,
@@ -150,30 +151,15 @@ class SafetyAlignModule(L.LightningModule):
             raise ValueError(f"unknown frozen_dtype {frozen_dtype!r}; use float32, bfloat16 or float16")
         self.save_hyperparameters()
 
-        dtype = getattr(torch, frozen_dtype)
-        if pretrained is not None:
-            model, hf_processor = load_hub_vlm(pretrained, hub, dtype)
-            template = LLAMAFACTORY_TEMPLATES.get(hub.chat_template)
-            encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, True, template)
-            stops = stop_token_ids(model.generation_config, hf_processor.tokenizer, encoder.end_of_turn_ids)
-            self.processor: Processor = HubProcessor(hf_processor, encoder, stops)
-        else:
-            if llava is not None:
-                model = load_llava_hf(
-                    llava.path, dtype, llava.image_aspect_ratio, llava.load_weights, **llava.extra_kwargs
-                )
-                tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
-            else:
-                model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype)
-            encoder = ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length)
-            self.processor = MultimodalProcessor(
-                encoder,
-                model.vision.image_transform,
-                model.vision.image_size,
-                stop_token_ids(model.generation_config, tokenizer, encoder.end_of_turn_ids),
+        # Built inside torch.device(<a rank's device>) (as the entry points build it), the checkpoint's weights are read
+        # straight onto that device; random ones are drawn on the CPU (mllm_safety.model.placement).
+        device = context_device()
+        with torch.device(random_init_device(device)):
+            model, self.processor = _build(
+                llm, vision, projector, llava, pretrained, hub, max_length, getattr(torch, frozen_dtype), device
             )
-        self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
-        self.init_names = _load_init_weights(self.model, init_weights or [], trainable.lora)
+            self.model = _prepare_training(model, lora, trainable, gradient_checkpointing)
+            self.init_names = _load_init_weights(self.model, init_weights or [], trainable.lora)
         self.model.train()  # from_pretrained leaves the LLM in eval mode; evaluation switches modes explicitly
         # Counted before any sharding, so the figures are the model's, not one rank's.
         self.parameter_counts = parameter_counts(self.model)
@@ -269,13 +255,49 @@ class SafetyAlignModule(L.LightningModule):
             check_weight_names(source, checkpoint["state_dict"], self)
 
 
+def _build(
+    llm: LLMConfig | None,
+    vision: VisionConfig | None,
+    projector: str | None,
+    llava: LlavaHFConfig | None,
+    pretrained: str | None,
+    hub: HubOptions,
+    max_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[MultimodalLM | HubVLM, Processor]:
+    """The model the arguments of :class:`SafetyAlignModule` describe, its checkpoint weights on ``device``, and
+    the processor that turns conversations into its inputs."""
+    if pretrained is not None:
+        model, hf_processor = load_hub_vlm(pretrained, hub, dtype, device)
+        template = LLAMAFACTORY_TEMPLATES.get(hub.chat_template)
+        encoder = ChatEncoder(hf_processor.tokenizer, 0, IMAGE_TOKEN_ID, max_length, True, template)
+        stops = stop_token_ids(model.generation_config, hf_processor.tokenizer, encoder.end_of_turn_ids)
+        return model, HubProcessor(hf_processor, encoder, stops)
+    if llava is not None:
+        model = load_llava_hf(
+            llava.path, dtype, llava.image_aspect_ratio, llava.load_weights, device, **llava.extra_kwargs
+        )
+        tokenizer = load_llava_tokenizer(llava.path, llava.chat_template)
+    else:
+        model, tokenizer = _assemble(llm, vision, projector or "mlp2x_gelu", dtype, device)
+    encoder = ChatEncoder(tokenizer, model.vision.num_tokens, model.image_token_id, max_length)
+    processor = MultimodalProcessor(
+        encoder,
+        model.vision.image_transform,
+        model.vision.image_size,
+        stop_token_ids(model.generation_config, tokenizer, encoder.end_of_turn_ids),
+    )
+    return model, processor
+
+
 def _assemble(
-    llm: LLMConfig, vision: VisionConfig, projector: str, dtype: torch.dtype
+    llm: LLMConfig, vision: VisionConfig, projector: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[MultimodalLM, PreTrainedTokenizerBase]:
     """An MLLM from separate parts: an LLM, a vision tower and a freshly initialised projector."""
     tokenizer = load_tokenizer(llm)
-    vision_encoder = build_vision_encoder(vision, dtype)
-    language_model = load_llm(llm, tokenizer, dtype=dtype)
+    vision_encoder = build_vision_encoder(vision, dtype, device)
+    language_model = load_llm(llm, tokenizer, dtype, device)
     llm_size = language_model.get_input_embeddings().embedding_dim
     projector_module = build_projector(projector, vision_encoder.hidden_size, llm_size)
     return MultimodalLM(vision_encoder, projector_module, language_model, IMAGE_TOKEN_ID), tokenizer
