@@ -2,13 +2,14 @@
 the paper's key curve.
 
 Runs ``mllm_safety.fit`` once per (rejection ratio, seed), one after the other, without a W&B server; collects each
-run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over
-seeds, with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and
-over-refusal per benign set on the left, the utility sets' accuracy on the right. CONFIG and every option of the fit
-config (``--trainer.max_epochs 2`` ...) are read and checked by fit's own parser before the first run starts, and
-each run trains on that resolved config (``--output``/<run>/fit_config.yaml). A run whose metrics already exist is
-not run again, and an interrupted run continues from its newest checkpoint, so an interrupted sweep continues. The
-seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
+run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over seeds,
+with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and over-refusal per
+benign set on the left, the utility sets' accuracy on the right; the plot says under it how it was made (command,
+machine, date), and ``rejection_ratio.md`` beside it gives that caption and every run's figures. CONFIG and every option
+of the fit config (``--trainer.max_epochs 2`` ...) are read and checked by fit's own parser before the first run starts,
+and each run trains on that resolved config (``--output``/<run>/fit_config.yaml). A run whose metrics already exist is
+not run again, and an interrupted run continues from its newest checkpoint, so an interrupted sweep continues. The seed
+is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
 (``configs/sweeps/rejection_ratio.yaml``). Which samples are swapped (``data.rejection.seed``) stays fixed, so that a
 smaller ratio's swapped set is part of a larger one's.
 """
