@@ -39,8 +39,10 @@ def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path, monkeypatch, p
     caption = (tmp_path / "rejection_ratio.md").read_text()
     assert f"made by `python -m mllm_safety.sweep --config {TINY} --sweep.ratios '[0, 0.5]' --output" in caption
     assert "CPU cores" in caption and date.today().isoformat() in caption
-    asr = 100 * rows[1]["safety/asr/demo_typographic"]
-    assert "| ratio | seed | asr/demo_typographic |" in caption and f"| 0.5 | 0 | {asr:.1f} |" in caption
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in caption.splitlines() if line[:1] == "|"]
+    column = table[0].index("asr/demo_typographic")
+    assert table[0][:2] == ["ratio", "seed"] and [row[:2] for row in table[2:]] == [["0", "0"], ["0.5", "0"]]
+    assert table[3][column] == f"{100 * rows[1]['safety/asr/demo_typographic']:.1f}"
 
     # a finished run is not run again: the sweep can be interrupted and restarted
     assert len(list(tmp_path.glob("*/final_metrics.json"))) == 2
