@@ -2,13 +2,14 @@
 the paper's key curve.
 
 Runs ``mllm_safety.fit`` once per (rejection ratio, seed), one after the other, without a W&B server; collects each
-run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over
-seeds, with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and
-over-refusal per benign set on the left, the utility sets' accuracy on the right. CONFIG and every option of the fit
-config (``--trainer.max_epochs 2`` ...) are read and checked by fit's own parser before the first run starts, and
-each run trains on that resolved config (``--output``/<run>/fit_config.yaml). A run whose metrics already exist is
-not run again, and an interrupted run continues from its newest checkpoint, so an interrupted sweep continues. The
-seed is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
+run's final safety and utility figures into ``results.csv`` and plots the trade-off against the ratio (mean over seeds,
+with the range of the seeds as a band) into ``rejection_ratio.png``: attack success per harmful set and over-refusal per
+benign set on the left, the utility sets' accuracy on the right; the plot says under it how it was made (command,
+machine, date), and ``rejection_ratio.md`` beside it gives that caption and every run's figures. CONFIG and every option
+of the fit config (``--trainer.max_epochs 2`` ...) are read and checked by fit's own parser before the first run starts,
+and each run trains on that resolved config (``--output``/<run>/fit_config.yaml). A run whose metrics already exist is
+not run again, and an interrupted run continues from its newest checkpoint, so an interrupted sweep continues. The seed
+is ``seed_everything`` (initialisation of the adapters and projector, dropout), as in the W&B sweep
 (``configs/sweeps/rejection_ratio.yaml``). Which samples are swapped (``data.rejection.seed``) stays fixed, so that a
 smaller ratio's swapped set is part of a larger one's.
 """
@@ -31,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from mllm_safety.cli import RunCLI
 from mllm_safety.evaluation.callback import SafetyEvalCallback
+from mllm_safety.provenance import caption
 
 ASR_METRIC = "safety/asr/mean"
 """The mean attack success over the harmful eval sets, as ``SafetyEvalCallback`` logs it (and the W&B sweep's metric
@@ -132,9 +134,9 @@ def figure_names(rows: list[dict[str, float]], prefix: str, suffix: str = "") ->
     return list(names)
 
 
-def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, float]], path: Path, title: str, subtitle: str | None = None) -> None:
     """The trade-off against the ratio (in %): ASR of each harmful set and over-refusal of each benign set, and the
-    accuracy of each utility set; mean line, seed range band, one dot per run."""
+    accuracy of each utility set; mean line, seed range band, one dot per run. ``subtitle``: how it was made."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,9 +167,34 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     seeds = len({row["seed"] for row in rows})
     fig.suptitle(f"{title} ({seeds} seed{'s' if seeds != 1 else ''}: mean, range)")
-    fig.tight_layout()
+    if subtitle:
+        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if subtitle else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_summary(rows: list[dict[str, float]], path: Path, title: str, made: str) -> None:
+    """The plot's caption beside it (``<plot>.md``): how it was made, then each run's headline figures in %."""
+    metrics = [
+        *figure_names(rows, "safety/asr/"),
+        *figure_names(rows, "safety/over_refusal/"),
+        *figure_names(rows, "utility/", "/accuracy"),
+    ]
+    lines = [
+        f"# {title}: the rejection-ratio sweep",
+        "",
+        f"![{title}: ASR, over-refusal and utility against the rejection ratio](rejection_ratio.png)",
+        "",
+        f"The plot and `results.csv` were {made}.",
+        "",
+        "| ratio | seed | " + " | ".join(m.split("/", 1)[1] for m in metrics) + " |",
+        "| ---: | ---: | " + " | ".join("---:" for _ in metrics) + " |",
+    ]
+    for row in rows:
+        values = [f"{100 * row[m]:.1f}" if m in row else "" for m in metrics]
+        lines.append(f"| {row['ratio']:g} | {row['seed']} | " + " | ".join(values) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @dataclass
@@ -226,8 +253,10 @@ def main(args: list[str] | None = None) -> list[dict[str, float]]:
     if rows:
         write_csv(rows, output / "results.csv")
         title = Path(cli.config.config[0]).stem if cli.config.get("config") else "sweep"
-        plot(rows, output / "rejection_ratio.png", title)
-        print(f"[sweep] wrote {output / 'results.csv'} and {output / 'rejection_ratio.png'}")
+        made = caption("mllm_safety.sweep", args)
+        plot(rows, output / "rejection_ratio.png", title, made.replace("`", ""))
+        write_summary(rows, output / "rejection_ratio.md", title, made)
+        print(f"[sweep] wrote {output / 'results.csv'}, {output / 'rejection_ratio.png'} and its caption")
     if failures:
         raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
     return rows

@@ -3,6 +3,7 @@
 import csv
 import functools
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def test_sweep_runs_the_grid_collects_metrics_and_plots(tmp_path, monkeypatch, p
     assert float(table[1]["train/reply_tokens"]) < float(table[0]["train/reply_tokens"])
     with Image.open(tmp_path / "rejection_ratio.png") as image:
         assert image.format == "PNG" and image.width > 300
+    # its caption beside it: how it was made (the command as typed, the machine, the day) and each run's figures
+    caption = (tmp_path / "rejection_ratio.md").read_text()
+    assert f"made by `python -m mllm_safety.sweep --config {TINY} --sweep.ratios '[0, 0.5]' --output" in caption
+    assert "CPU cores" in caption and date.today().isoformat() in caption
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in caption.splitlines() if line[:1] == "|"]
+    column = table[0].index("asr/demo_typographic")
+    assert table[0][:2] == ["ratio", "seed"] and [row[:2] for row in table[2:]] == [["0", "0"], ["0.5", "0"]]
+    assert table[3][column] == f"{100 * rows[1]['safety/asr/demo_typographic']:.1f}"
 
     # a finished run is not run again: the sweep can be interrupted and restarted
     assert len(list(tmp_path.glob("*/final_metrics.json"))) == 2
@@ -96,9 +105,15 @@ def test_the_plot_shows_asr_per_set_and_utility_against_the_ratio(tmp_path, monk
 
     monkeypatch.setattr(Figure, "savefig", keep)
     sweep.plot(rows, tmp_path / "plot.png", "demo")
+    sweep.plot(rows, tmp_path / "plot.png", "demo", "made by python -m mllm_safety.sweep on 2 CPU cores, 2026-12-04")
     assert (tmp_path / "plot.png").stat().st_size > 0
-    (figure,) = saved
+    figure, captioned = saved
     assert figure.get_suptitle() == "demo (2 seeds: mean, range)"
+    written = [text.get_text() for text in captioned.texts]
+    assert written == [
+        *(text.get_text() for text in figure.texts),
+        "made by python -m mllm_safety.sweep on 2 CPU cores, 2026-12-04",
+    ]
     safety, utility = figure.axes
     lines = {
         ax.get_title(): {

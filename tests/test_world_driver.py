@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,12 @@ def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_pat
         and (out / "world.png").stat().st_size > 0
     )
     assert "results.csv" in {p.name for p in out.iterdir()}
+    # the table says how it was made: the command as typed, the machine, the day
+    made = table.splitlines()[0]
+    assert made.startswith(
+        f"The table, `results.csv` and `world.png` were made by `python -m mllm_safety.world --out {out} "
+    )
+    assert "--ratios 0 0.3 --seeds 0 1` on " in made and "CPU cores" in made and date.today().isoformat() in made
     check = json.loads((out / "stage2" / "check.json").read_text())  # rebuilt stage 2 compared with the shipped
     assert check["same_names"] == 1.0 and check["max_abs"] == 3.0
 

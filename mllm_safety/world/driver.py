@@ -43,6 +43,7 @@ from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.files import read_csv
 from mllm_safety.evaluation.tasks.figstep import FIGSTEP_ADVICE_CATEGORIES
 from mllm_safety.model.llm import LLMConfig, load_tokenizer
+from mllm_safety.provenance import caption
 from mllm_safety.world.samples import ANSWER_PROMPT, pieces
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -213,8 +214,9 @@ def table_rows(out: Path, ratios: list[float], seeds: list[int], stage2_folder: 
     return rows
 
 
-def write_table(rows: list[dict], out: Path) -> str:
-    """``results.csv`` (every figure) and ``results.md`` (the headline columns, mean and range over seeds)."""
+def write_table(rows: list[dict], out: Path, made: str | None = None) -> str:
+    """``results.csv`` (every figure) and ``results.md`` (the headline columns, mean and range over seeds), headed by
+    ``made``, how they were made."""
     columns = ["condition", "ratio", "seed"] + sorted({k for row in rows for k in row} - {"condition", "ratio", "seed"})
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -235,13 +237,14 @@ def write_table(rows: list[dict], out: Path) -> str:
             else:
                 cells.append(f"{statistics.fmean(values):.1f} [{min(values):.1f}, {max(values):.1f}]")
         lines.append(f"| {condition} | {len(group)} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
+    text = (f"The table, `results.csv` and `world.png` were {made}.\n\n" if made else "") + "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Every headline figure across the conditions: mean over seeds, seed range as error bars."""
+def plot(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
+    """Every headline figure across the conditions: mean over seeds, seed range as error bars; ``subtitle``: how it
+    was made."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +277,9 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_title("refusal gap (harmful - twin), reading, utility")
     seeds = len({row.get("seed") for row in rows if "seed" in row})
     fig.suptitle(f"The world: stages 0-2 once, stage 3 over {seeds} seed(s) (mean, range)", fontsize=10)
-    fig.tight_layout()
+    if subtitle:
+        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if subtitle else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -345,8 +350,9 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
                 runner.safebench(name, "stage3.yaml", weights, questions, args.safebench_limit)
     rows = table_rows(out, args.ratios, args.seeds, stage2_folder)
     if rows:
-        print(write_table(rows, out))
-        plot(rows, out / "world.png")
+        made = caption("mllm_safety.world", argv)
+        print(write_table(rows, out, made))
+        plot(rows, out / "world.png", made.replace("`", ""))
         print(f"[world] wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'world.png'}")
     if runner.timings:
         (out / "timings.json").write_text(json.dumps(runner.timings, indent=1))
