@@ -12,6 +12,7 @@ ENTRY_POINTS = {
     "mllm_safety.export",
     "mllm_safety.sweep",
     "mllm_safety.data.convert",
+    "mllm_safety.experiments",
 }
 """Entry points the docs show in a fenced command today: one missing means the checker stopped seeing them."""
 
