@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from mllm_safety.model.hub_vlm import HubVLM
-from mllm_safety.model.mllm import MultimodalLM
+from mllm_safety.model.mllm import MultimodalLM, is_sharded
 from mllm_safety.model.trainable import check_weight_names, trainable_state_dict
 from mllm_safety.train.lightning_compat import SHARDED_METADATA_FILE, is_sharded_checkpoint, shard_over_every_rank
 
@@ -157,7 +157,7 @@ def shard_multimodal_lm(
     submodule as FSDP-managed, which makes transformers' ``generate`` run with ``synced_gpus``. A no-op on a model
     that is already sharded (``configure_model`` may run again).
     """
-    if isinstance(model, torch.distributed.fsdp.FSDPModule):
+    if is_sharded(model):
         return
     options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     parts = model.part_modules()
