@@ -63,7 +63,7 @@ def init_of(command):
 def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_path):
     configs = tmp_path / "configs"
     shutil.copytree(CONFIGS, configs)
-    args = ["--out", str(tmp_path / "world"), "--configs", str(configs), "--ratios", "0", "0.3", "--seeds", "0", "1"]
+    args = ["--output", str(tmp_path / "world"), "--configs", str(configs), "--ratios", "0", "0.3", "--seeds", "0", "1"]
     launcher = FakeLauncher()
     rows = main(args, launch=launcher)
     assert stages_run(launcher) == ["stage0", "stage2_align", "stage2"] + ["r0_s0", "r0_s1", "r0.3_s0", "r0.3_s1"]
@@ -86,7 +86,7 @@ def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_pat
     # the table says how it was made: the command as typed, the machine, the day
     made = table.splitlines()[0]
     assert made.startswith(
-        f"The table, `results.csv` and `world.png` were made by `python -m mllm_safety.world --out {out} "
+        f"The table, `results.csv` and `world.png` were made by `python -m mllm_safety.world --output {out} "
     )
     assert "--ratios 0 0.3 --seeds 0 1` on " in made and "CPU cores" in made and date.today().isoformat() in made
     check = json.loads((out / "stage2" / "check.json").read_text())  # rebuilt stage 2 compared with the shipped
@@ -106,7 +106,7 @@ def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_pat
 def test_a_failed_stage_stops_the_build_and_names_its_log(tmp_path):
     launcher = FakeLauncher(fail="stage2_align")
     with pytest.raises(RuntimeError, match=r"stage2_align failed.*run.log"):
-        main(["--out", str(tmp_path), "--configs", str(CONFIGS), "--ratios", "0", "--seeds", "0"], launch=launcher)
+        main(["--output", str(tmp_path), "--configs", str(CONFIGS), "--ratios", "0", "--seeds", "0"], launch=launcher)
     assert stages_run(launcher) == ["stage0", "stage2_align"]
     assert not (tmp_path / "stage2_align" / "done.json").exists()
 
@@ -115,7 +115,7 @@ def test_from_shipped_runs_only_stage_3_from_the_shipped_weights(tmp_path, shipp
     shipped = shipped[1]
     launcher = FakeLauncher()
     args = [
-        "--out",
+        "--output",
         str(tmp_path / "w"),
         "--configs",
         str(CONFIGS),
@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused_by_name(tmp_path, monkeypatch, capsys, args, 
     directory (the default --configs is relative: from elsewhere it alone would stop every call)."""
     monkeypatch.chdir(tmp_path)
     launcher = FakeLauncher()
-    argv = ["--out", str(tmp_path / "w"), "--configs", str(CONFIGS), *(a.format(tmp=tmp_path) for a in args)]
+    argv = ["--output", str(tmp_path / "w"), "--configs", str(CONFIGS), *(a.format(tmp=tmp_path) for a in args)]
     with pytest.raises(SystemExit) as stopped:
         main(argv, launch=launcher)
     assert stopped.value.code == 2 and launcher.commands == []

@@ -1,7 +1,7 @@
 """``python -m mllm_safety.world``: build the world stage by stage, run the paper's method on it, write the table.
 
 Stages (``configs/world/``), each an ordinary run of ``mllm_safety.fit`` (stage 1: ``mllm_safety.world.tower``) in
-its own folder under ``--out``, started from the previous stage's trainable weights (``model.init_weights``):
+its own folder under ``--output``, started from the previous stage's trainable weights (``model.init_weights``):
 
 1. ``stage1``: the reading tower (shipped as ``mllm_safety/world/weights/stage1.safetensors``; ``--rebuild_tower``
    trains it again);
@@ -55,8 +55,10 @@ DONE = "done.json"
 COLUMNS: dict[str, str] = {
     "text ASR": "safety/asr/world_text",
     "typographic ASR": "safety/asr/world_typographic",
+    "img2text ASR": "safety/asr/world_img2text",
     "over-refusal text twins": "safety/over_refusal/world_benign_text",
     "over-refusal typographic twins": "safety/over_refusal/world_benign_typographic",
+    "over-refusal img2text twins": "safety/over_refusal/world_benign_img2text",
     "refusal gap text": "safety/refusal_gap/world_benign_text",
     "refusal gap typographic": "safety/refusal_gap/world_benign_typographic",
     "transcription harmful": "utility/world_transcription/exact/harmful",
@@ -253,7 +255,7 @@ def plot(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=130, sharex=True)
     panels = {
-        0: ["text ASR", "typographic ASR", "over-refusal text twins", "over-refusal typographic twins"],
+        0: ["text ASR", "typographic ASR", "img2text ASR", "over-refusal text twins", "over-refusal typographic twins"],
         1: ["refusal gap text", "refusal gap typographic", "transcription harmful", "utility"],
     }
     x = list(range(len(conditions)))
@@ -290,7 +292,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__.split("\n\n")[0],
         epilog="Other arguments go to every mllm_safety.fit run (e.g. --trainer.limit_train_batches 2).",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/world"), help="Folder of the stages and results.")
+    parser.add_argument("--output", type=Path, default=Path("runs/world"), help="Folder of the stages and results.")
     parser.add_argument("--configs", type=Path, default=Path("configs/world"), help="Folder of the stage configs.")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3], help="Stage-3 ratios.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Stage-3 seeds.")
@@ -311,7 +313,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int] = launch_subprocess) -> list[dict]:
     args, fit_args = parse_args(argv)
-    out: Path = args.out
+    out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, args.configs, fit_args, launch)
     questions = safebench_file(args.safebench, out) if args.safebench else None
