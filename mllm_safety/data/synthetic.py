@@ -197,10 +197,14 @@ def _left_or_right(rng: random.Random, scene: tuple[Shape, ...]) -> _QA | None:
     return f"Is the {a} to the left or to the right of the {b}?", f"The {a} is to the {side} of the {b}."
 
 
+DESCRIBE_PROMPT = "Describe the image briefly."
+"""The description question of the training scenes, also asked of held-out scenes (the world's description check)."""
+
+
 def _describe(rng: random.Random, scene: tuple[Shape, ...]) -> _QA | None:
     shapes = _listing([_a(s.name) for s in scene])
     order = "" if len(scene) == 1 else ", from left to right"
-    return "Describe the image briefly.", f"The image shows {shapes} on a light background{order}."
+    return DESCRIBE_PROMPT, f"The image shows {shapes} on a light background{order}."
 
 
 _IMAGE_QA: tuple[Callable[[random.Random, tuple[Shape, ...]], _QA | None], ...] = (
@@ -321,6 +325,28 @@ def _checkable_question(rng: random.Random, kind: str, scene: tuple[Shape, ...])
     i, j = rng.sample(range(len(scene)), 2)
     question = f"Is the {scene[i].name} to the left or to the right of the {scene[j].name}?"
     return question, "left" if i < j else "right"
+
+
+@dataclass(frozen=True)
+class SceneDescription:
+    """A held-out scene to describe: its image and the shapes a full description names."""
+
+    id: str
+    png: bytes
+    shapes: tuple[str, ...]
+    """Each shape's name ("red circle"), left to right."""
+
+
+def held_out_scene_descriptions(num_scenes: int, image_size: int, stream: str) -> list[SceneDescription]:
+    """Scenes drawn from the random ``stream`` (a string, so no integer training seed reproduces it), to be described:
+    the image-description utility that the paper reports dropping after its finetuning."""
+    rng = random.Random(stream)
+    out = []
+    for index in range(num_scenes):
+        scene = _sample_scene(rng, image_size)
+        png = _draw_scene(rng, scene, image_size)
+        out.append(SceneDescription(f"scene-{index:03d}", png, tuple(s.name for s in scene)))
+    return out
 
 
 def held_out_scene_questions(num_questions: int, image_size: int = 224) -> list[SceneQuestion]:

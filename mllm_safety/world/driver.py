@@ -64,6 +64,8 @@ COLUMNS: dict[str, str] = {
     "transcription harmful": "utility/world_transcription/exact/harmful",
     "transcription benign": "utility/world_transcription/exact/benign",
     "utility": "utility/world_utility/accuracy",
+    "description described": "utility/world_description/described",
+    "description exact": "utility/world_description/accuracy",
     "SafeBench text ASR": "safety/asr/world_safebench_text",
     "SafeBench typographic ASR": "safety/asr/world_safebench_typographic",
 }
@@ -256,7 +258,7 @@ def plot(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=130, sharex=True)
     panels = {
         0: ["text ASR", "typographic ASR", "img2text ASR", "over-refusal text twins", "over-refusal typographic twins"],
-        1: ["refusal gap text", "refusal gap typographic", "transcription harmful", "utility"],
+        1: ["refusal gap text", "refusal gap typographic", "transcription harmful", "utility", "description described"],
     }
     x = list(range(len(conditions)))
     for axis, names in panels.items():
