@@ -12,12 +12,15 @@ from data_helpers import count_shard_writes
 from PIL import Image
 
 from mllm_safety.data.manifest import Manifest
+from mllm_safety.data.rejection import PAPER_REJECTION
 from mllm_safety.data.shards import iter_conversations
 from mllm_safety.world import bank
 from mllm_safety.world.samples import (
     ANSWER_PROMPT,
+    CURATED_REFUSALS,
     WorldData,
     _Generator,
+    _png,
     ensure_world_shards,
     eval_prompts,
     held_out_questions,
@@ -166,3 +169,61 @@ def test_random_word_boards_use_only_words_of_benign_texts(tokenizer):
     assert harmful_only and not any(set(reply.split()) & harmful_only for reply in replies)
     structured = [r for r in replies if r[:1].isupper() and r.endswith((".", "?", "!"))]
     assert 0.1 < 1 - len(structured) / len(replies) < 0.5  # about 30% are words in random order, to be copied
+
+
+def curated_set(tokenizer, **options):
+    data = WorldData(kind="visual", samples=240, seed=1, text_share=0.2, curated=20, **options)
+    return {record["id"]: (record["conversations"], image[1]) for record, image in _Generator(tokenizer, data) if image}
+
+
+def board_of(tokenizer, text):
+    return _png(render_board(pieces(tokenizer, text)))
+
+
+def test_curated_data_refuses_held_in_requests_on_boards_beside_their_answered_twins(tokenizer):
+    held_in, held_out = bank.split().held_in, bank.split().held_out
+    boards = {board_of(tokenizer, p.harmful): p for p in held_in}
+    twin_boards = {board_of(tokenizer, p.benign): p for p in held_in}
+    curated = curated_set(tokenizer)
+    refused = {i: (turns, png) for i, (turns, png) in curated.items() if turns[1]["value"] in CURATED_REFUSALS}
+    assert len(refused) == 20
+    assert len({turns[1]["value"] for turns, _ in refused.values()}) > 3  # varied refusals, as curated sets write
+    assert all(png in boards for _, png in refused.values())  # each board shows a held-in harmful request
+    assert {turns[0]["value"].split("\n")[1] for turns, _ in refused.values()} <= {
+        ANSWER_PROMPT, "Answer the question in the image.", "Read the image and answer it.",
+        "Please reply to what the image asks.",
+    }  # fmt: skip
+    requested = [boards[png] for _, png in refused.values()]
+    twins = {twin_boards[png].id for turns, png in curated.values() if png in twin_boards}
+    assert twins >= {p.id for p in requested}  # every request has its twin
+    assert not {p.id for p in requested} & {p.id for p in held_out}
+    uncurated = list(_Generator(tokenizer, WorldData(kind="visual", samples=240, seed=1, text_share=0.2)))
+    assert not any(r["conversations"][1]["value"] in CURATED_REFUSALS for r, _ in uncurated)
+
+
+def test_each_curated_ablation_changes_only_what_it_ablates(tokenizer):
+    curated = curated_set(tokenizer)
+    refused = {i for i, (turns, _) in curated.items() if turns[1]["value"] in CURATED_REFUSALS}
+
+    no_twins = curated_set(tokenizer, curated_twins=False)
+    assert {i: curated[i] for i in refused} == {i: no_twins[i] for i in refused}  # the same refusals, in place
+    assert len([1 for i in curated if curated[i] != no_twins.get(i)]) >= 20  # the twins' places hold other samples
+
+    fixed = curated_set(tokenizer, curated_reply=PAPER_REJECTION)
+    assert {i for i, (turns, _) in fixed.items() if turns[1]["value"] == PAPER_REJECTION} == refused
+    assert all(fixed[i][1] == curated[i][1] and fixed[i][0][0] == curated[i][0][0] for i in refused)
+    assert {i: curated[i] for i in curated if i not in refused} == {i: fixed[i] for i in fixed if i not in refused}
+
+    other = curated_set(tokenizer, curated_image="other")
+    harmful_boards = {board_of(tokenizer, p.harmful) for p in bank.load_pairs()}
+    assert all(other[i][0] == curated[i][0] and other[i][1] not in harmful_boards for i in refused)
+    assert sum(other[i][1] != curated[i][1] for i in other) >= 40  # requests' and twins' boards replaced
+
+
+def test_curated_options_are_checked():
+    with pytest.raises(ValueError, match="visual set"):
+        WorldData(kind="align", curated=4)
+    with pytest.raises(ValueError, match="at most half of samples=10"):
+        WorldData(kind="visual", samples=10, curated=6)
+    with pytest.raises(ValueError, match="curated_image"):
+        WorldData(kind="visual", samples=10, curated=2, curated_image="blank")

@@ -38,6 +38,10 @@ class FakeLauncher:
             evaluations["before"] = {metric: 0.9 for metric in COLUMNS.values()}
         if "mllm_safety.fit" in command:
             (folder / "evaluations.json").write_text(json.dumps(evaluations))
+        else:  # a separate evaluation (mllm_safety.evaluate): its report
+            described = 0.7 if "description" in folder.name else 0.0
+            report = {"judges": {"xstest": {"figures": {}}}, "utility": {"world_description": {"described": described}}}
+            (folder / "report.json").write_text(json.dumps(report))
         return 0
 
 
@@ -52,8 +56,18 @@ def shipped(tmp_path, monkeypatch):
     return tower, stage2
 
 
+def fits(launcher):
+    return [c for c in launcher.commands if "mllm_safety.fit" in c]
+
+
 def stages_run(launcher):
-    return [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in launcher.commands]
+    return [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in fits(launcher)]
+
+
+def evaluated(launcher):
+    """The separate evaluations run, as <stage folder>/<evaluation>."""
+    outputs = [Path(c[c.index("--output") + 1]) for c in launcher.commands if "mllm_safety.evaluate" in c]
+    return ["/".join(p.parts[-2:]) for p in outputs]
 
 
 def init_of(command):
@@ -67,6 +81,8 @@ def test_stages_chain_through_their_weights_and_finished_ones_are_reused(tmp_pat
     launcher = FakeLauncher()
     rows = main(args, launch=launcher)
     assert stages_run(launcher) == ["stage0", "stage2_align", "stage2"] + ["r0_s0", "r0_s1", "r0.3_s0", "r0.3_s1"]
+    assert evaluated(launcher) == ["stage0/description", "stage2/description"]
+    launcher.commands = fits(launcher)
     out = tmp_path / "world"
     assert init_of(launcher.commands[1]) == f"--model.init_weights=[{out / 'stage0' / 'trainable.safetensors'}]"
     assert init_of(launcher.commands[3]) == f"--model.init_weights=[{out / 'stage2' / 'trainable.safetensors'}]"
@@ -148,3 +164,68 @@ def test_bad_arguments_are_refused_by_name(tmp_path, monkeypatch, capsys, args, 
     assert stopped.value.code == 2 and launcher.commands == []
     errors = capsys.readouterr().err.strip().splitlines()
     assert re.fullmatch(rf"python -m mllm_safety.world: error: {message}", errors[-1]), errors[-1]
+
+
+def option(command, name):
+    return next((a.split("=", 1)[1] for a in command if a.startswith(f"--{name}=")), None)
+
+
+def test_the_comparison_runs_every_arm_at_equal_refusals_and_reuses_finished_runs(tmp_path):
+    out = tmp_path / "w"
+    arms = ["curated", "curated_no_twins", "curated_fixed_reply", "curated_other_image"]
+    common = ["--output", str(out), "--configs", str(CONFIGS), "--ratios", "0", "0.05", "--seeds", "0", "1"]
+    common += ["--condition_ratios", "0.05", "--stage2_ratios", "0.01"]
+    launcher = FakeLauncher()
+    main([*common, "--conditions", "swap", *arms, "stage2_rejection"], launch=launcher)
+    by_folder = {Path(c[c.index("--trainer.default_root_dir") + 1]).name: c for c in fits(launcher)}
+    rejection = by_folder["r0.01"]  # stage 2 rebuilt from stage 2a with a share of its replies swapped
+    assert init_of(rejection) == f"--model.init_weights=[{out / 'stage2_align' / 'trainable.safetensors'}]"
+    assert option(rejection, "data.rejection_ratio") == "0.01" and "stage2.yaml" in " ".join(rejection)
+    assert "r0.01/description" in evaluated(launcher)
+    for arm in arms:
+        for seed in (0, 1):
+            command = by_folder[f"{arm}_r0.05_s{seed}"]
+            # as many refusals as the swap at r=0.05 of stage 3's 480 samples, nothing swapped, the swap's seeds
+            assert option(command, "data.world.curated") == "24" and option(command, "data.rejection_ratio") == "0"
+            swap = by_folder[f"r0.05_s{seed}"]
+            assert [a for a in command if "seed" in a] == [a for a in swap if "seed" in a]
+            assert init_of(command) == init_of(swap)
+    assert option(by_folder["curated_r0.05_s0"], "data.world.curated_twins") is None
+    assert option(by_folder["curated_no_twins_r0.05_s0"], "data.world.curated_twins") == "false"
+    assert option(by_folder["curated_fixed_reply_r0.05_s0"], "data.world.curated_reply") == (
+        '"I\'m sorry, but I cannot assist with your request"'
+    )
+    assert option(by_folder["curated_other_image_r0.05_s0"], "data.world.curated_image") == "other"
+
+    comparison = (out / "comparison.md").read_text()
+    conditions = [line.split(" | ")[0].strip("| ") for line in comparison.splitlines() if line.startswith("| stage")]
+    assert conditions == [
+        "stage 0", "stage 2", "stage 2 + rejection, r=0.01", "stage 3 swap, r=0.05",
+        *(f"stage 3 {arm}, r=0.05" for arm in arms),
+    ]  # fmt: skip
+    # stage 2's description comes from its separate evaluation; the figures differ per seed
+    assert "| stage 2 | 1 | 50.0 |" in comparison and comparison.count("70.0") >= 2
+    assert "| stage 3 curated, r=0.05 | 2 | 50.5 [50.0, 51.0] |" in comparison  # nothing swapped
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison.csv").is_file()
+    world = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| stage")]
+    assert len(world) == 4 and not any("curated" in line or "+" in line for line in world)  # the swap's table
+
+    subset = FakeLauncher()  # a subset of the conditions reuses every finished run
+    main([*common, "--conditions", "curated", "curated_no_twins"], launch=subset)
+    assert subset.commands == []
+    assert "curated_fixed_reply" not in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--condition_ratios", "2"], r"--condition_ratios must be in \[0, 1\], got \[2.0\]"),
+        (["--from_shipped", "--conditions", "stage2_rejection"], "stage2_rejection rebuilds stage 2 from stage 2a"),
+        (["--conditions", "vlguard"], "argument --conditions: invalid choice: 'vlguard'"),
+    ],
+)
+def test_bad_conditions_are_refused_by_name(tmp_path, capsys, args, message):
+    launcher = FakeLauncher()
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path), "--configs", str(CONFIGS), *args], launch=launcher)
+    assert launcher.commands == [] and re.search(message, capsys.readouterr().err)

@@ -10,6 +10,19 @@ its own folder under ``--output``, started from the previous stage's trainable w
 4. ``stage3``: the paper's swap, once per (ratio, seed), from the stage-2 weights. A seed draws its own samples of
    the stage-2 tasks (``data.world.seed`` = seed + 1), its own swapped subset, order and dropout.
 
+``--conditions`` adds the paper's comparison (issue 20), each stage-3 arm once per (``--condition_ratios`` ratio,
+seed), with as many refusals as the swap at that ratio (ratio x the stage-3 samples) and the same steps:
+
+- ``curated``: VLGuard-shaped curated data in the stage-2 mix, nothing swapped: held-in harmful requests on boards,
+  refused in varied words, each with its benign twin on a board, answered (``data.world.curated``);
+- ``curated_no_twins``, ``curated_fixed_reply`` (every refusal the paper's sentence), ``curated_other_image`` (the
+  boards replaced by boards of other benign text): the paper's ablations of its curated data;
+- ``stage2_rejection``: stage 2 rebuilt from the stage-2a weights with a fraction (``--stage2_ratios``) of its
+  replies swapped, evaluated after stage 2 with no stage 3 (needs stages 0-2, so not with ``--from_shipped``).
+
+The scene descriptions (``world`` mode ``description``) are part of stage 3's evaluation; for stages 0 and 2 (whose
+configs predate them) the driver evaluates them apart, in ``<stage>/description``.
+
 A stage whose folder holds a finished run with the same inputs (config text, arguments, and the bytes of the weights
 it starts from) is reused, so an interrupted build continues and a changed stage reruns with everything after it.
 The rebuilt stage-2 weights are compared with the shipped ones (``weights/stage2.safetensors``, the demo's start):
@@ -20,7 +33,8 @@ advice categories left out, and those longer than a board) as text and written o
 with ``mllm_safety.evaluate`` after stages 0 and 2 and for the first seed of every stage-3 ratio.
 
 Writes ``results.csv`` (every figure of every evaluation), ``results.md`` (the table: stage-3 figures are the mean
-over seeds with their range) and ``world.png``.
+over seeds with their range) and ``world.png``; with conditions beyond the swap, also ``comparison.{csv,md,png}``
+(every arm beside the swap at each of the condition ratios).
 """
 
 from __future__ import annotations
@@ -37,8 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import yaml
 from safetensors import safe_open
 
+from mllm_safety.data.rejection import PAPER_REJECTION
 from mllm_safety.evaluation.callback import SafetyEvalCallback
 from mllm_safety.evaluation.files import read_csv
 from mllm_safety.evaluation.tasks.figstep import FIGSTEP_ADVICE_CATEGORIES
@@ -70,6 +86,22 @@ COLUMNS: dict[str, str] = {
     "SafeBench typographic ASR": "safety/asr/world_safebench_typographic",
 }
 """Table column -> the figure the safety evaluation logs."""
+
+COMPARISON_COLUMNS = (
+    "typographic ASR", "img2text ASR", "text ASR", "over-refusal typographic twins", "refusal gap typographic",
+    "over-refusal text twins", "transcription benign", "utility", "description described",
+)  # fmt: skip
+"""The comparison's columns: safety per channel, selectivity, and what the finetuning may cost."""
+
+CURATED_ARMS: dict[str, list[str]] = {
+    "curated": [],
+    "curated_no_twins": ["--data.world.curated_twins=false"],
+    "curated_fixed_reply": [f'--data.world.curated_reply="{PAPER_REJECTION}"'],
+    "curated_other_image": ["--data.world.curated_image=other"],
+}
+"""Curated stage-3 arm -> its options beside ``data.world.curated`` (the ablations of the paper's section 4)."""
+CONDITIONS = ("swap", *CURATED_ARMS, "stage2_rejection")
+DESCRIPTION_ONLY = "[{name: world, modes: [description]}]"
 
 
 class WriteEvaluations(L.Callback):
@@ -137,16 +169,22 @@ class Runner:
         self.stage(name, command, [config_path, init], folder)
         return folder / "trainable.safetensors"
 
-    def safebench(self, name: str, config: str, weights: Path, questions: Path, limit: int) -> None:
-        """Evaluate a stage's weights on the SafeBench file with ``mllm_safety.evaluate`` (in ``<stage>/safebench``)."""
+    def evaluate(self, name: str, config: str, weights: Path, benchmarks: str, inputs: list[Path] = ()) -> None:
+        """Evaluate a stage's weights with ``mllm_safety.evaluate`` on ``benchmarks`` (in ``<stage>/<name>``), with
+        the generation settings of the stages' own evaluations."""
         config_path = self.configs / config
-        folder = weights.parent / "safebench"
+        folder = weights.parent / name
         command = [
             "-m", "mllm_safety.evaluate", "--config", str(config_path), f"--model.init_weights=[{weights}]",
-            f"--eval.benchmarks=[{{name: world, path: {questions}, limit: {limit}}}]", "--eval.judges=[xstest]",
+            f"--eval.benchmarks={benchmarks}", "--eval.judges=[xstest]",
             "--eval.generation.max_new_tokens=24", "--eval.generation.batch_size=40", "--output", str(folder),
         ]  # fmt: skip
-        self.stage(f"{name} SafeBench", command, [config_path, weights, questions], folder)
+        self.stage(f"{weights.parent.name} {name}", command, [config_path, weights, *inputs], folder)
+
+    def safebench(self, config: str, weights: Path, questions: Path, limit: int) -> None:
+        """Evaluate a stage's weights on the SafeBench file (in ``<stage>/safebench``)."""
+        benchmarks = f"[{{name: world, path: {questions}, limit: {limit}}}]"
+        self.evaluate("safebench", config, weights, benchmarks, [questions])
 
 
 def safebench_file(csv_path: Path, out: Path) -> Path:
@@ -192,44 +230,34 @@ def compare_weights(rebuilt: Path, shipped: Path) -> dict[str, float]:
     return {"same_names": float(names_a == names_b), "max_abs": worst_abs, "max_rel_l2": worst_rel}
 
 
-def table_rows(out: Path, ratios: list[float], seeds: list[int], stage2_folder: Path | None) -> list[dict]:
-    """One row per evaluation: the base model, stage 0, stage 2, and every stage-3 run."""
-    rows = []
-
-    def add(condition: str, folder: Path, label: str, **extra) -> None:
-        path = folder / EVALUATIONS
-        if path.is_file():
-            evaluations = json.loads(path.read_text())
-            if label in evaluations:
-                row = {"condition": condition, **extra, **evaluations[label]}
-                report = folder / "safebench" / "report.json"
-                if label != "before" and report.is_file():
-                    figures = json.loads(report.read_text())["judges"]["xstest"]["figures"]
-                    row |= {f"safety/{name}": value for name, value in figures.items()}
-                rows.append(row)
-
-    add("base model", out / "stage0", "before")
-    add("stage 0", out / "stage0", "epoch 0")
-    if stage2_folder is not None:
-        add("stage 2", stage2_folder, "epoch 0")
-    for ratio in ratios:
-        for seed in seeds:
-            add(f"stage 3, r={ratio:g}", out / "stage3" / f"r{ratio:g}_s{seed}", "epoch 0", ratio=ratio, seed=seed)
-    return rows
+def read_row(condition: str, folder: Path, label: str, **extra) -> dict | None:
+    """One evaluation of a run as a table row (None if the run has not written it), with the figures of the
+    run's separate evaluations (``safebench``, ``description``) added, except to the evaluation before training."""
+    path = folder / EVALUATIONS
+    if not path.is_file() or label not in (evaluations := json.loads(path.read_text())):
+        return None
+    row = {"condition": condition, **extra, **evaluations[label]}
+    if label != "before":
+        for name in ("safebench", "description"):
+            report = folder / name / "report.json"
+            if report.is_file():
+                figures = json.loads(report.read_text())
+                row |= {f"safety/{k}": v for k, v in figures["judges"]["xstest"]["figures"].items()}
+                utility = figures.get("utility", {})
+                row |= {f"utility/{s}/{k}": v for s, metrics in utility.items() for k, v in metrics.items()}
+    return row
 
 
-def write_table(rows: list[dict], out: Path, made: str | None = None) -> str:
-    """``results.csv`` (every figure) and ``results.md`` (the headline columns, mean and range over seeds), headed by
-    ``made``, how they were made."""
-    columns = ["condition", "ratio", "seed"] + sorted({k for row in rows for k in row} - {"condition", "ratio", "seed"})
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    shown = {name: metric for name, metric in COLUMNS.items() if any(metric in row for row in rows)}
+def table_rows(runs: list[tuple[str, Path, str, dict]]) -> list[dict]:
+    """One row per (condition, run folder, evaluation label, extra columns) whose evaluation exists."""
+    return [row for condition, folder, label, extra in runs if (row := read_row(condition, folder, label, **extra))]
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """One line per condition: each column's figure in %, the mean over its runs with their range."""
+    shown = {name: metric for name, metric in columns.items() if any(metric in row for row in rows)}
     lines = ["| condition | runs | " + " | ".join(shown) + " |", "| --- | ---: |" + " ---: |" * len(shown)]
-    for condition in conditions:
+    for condition in dict.fromkeys(row["condition"] for row in rows):
         group = [row for row in rows if row["condition"] == condition]
         cells = []
         for metric in shown.values():
@@ -241,8 +269,35 @@ def write_table(rows: list[dict], out: Path, made: str | None = None) -> str:
             else:
                 cells.append(f"{statistics.fmean(values):.1f} [{min(values):.1f}, {max(values):.1f}]")
         lines.append(f"| {condition} | {len(group)} | " + " | ".join(cells) + " |")
-    text = (f"The table, `results.csv` and `world.png` were {made}.\n\n" if made else "") + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = ["condition", "ratio", "seed"] + sorted({k for row in rows for k in row} - {"condition", "ratio", "seed"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_table(rows: list[dict], out: Path, made: str | None = None) -> str:
+    """``results.csv`` (every figure) and ``results.md`` (the headline columns, mean and range over seeds), headed by
+    ``made``, how they were made."""
+    write_csv(rows, out / "results.csv")
+    text = (f"The table, `results.csv` and `world.png` were {made}.\n\n" if made else "") + markdown_table(
+        rows, COLUMNS
+    )
     (out / "results.md").write_text(text)
+    return text
+
+
+def write_comparison(rows: list[dict], out: Path, made: str | None = None) -> str:
+    """``comparison.csv`` and ``comparison.md``: the stages before stage 3 and every arm at the condition ratios."""
+    write_csv(rows, out / "comparison.csv")
+    columns = {name: COLUMNS[name] for name in COMPARISON_COLUMNS}
+    intro = f"The table, `comparison.csv` and `comparison.png` were {made}.\n\n" if made else ""
+    text = intro + markdown_table(rows, columns)
+    (out / "comparison.md").write_text(text)
     return text
 
 
@@ -288,6 +343,57 @@ def plot(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
     plt.close(fig)
 
 
+def plot_comparison(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
+    """Typographic ASR, the twins' over-refusal and the description rate per condition: mean over seeds with the
+    seed range; ``subtitle``: how it was made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(dict.fromkeys(row["condition"] for row in rows))
+    names = ("typographic ASR", "img2text ASR", "over-refusal typographic twins", "description described")
+    fig, ax = plt.subplots(figsize=(13, 5), dpi=130)
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        metric = COLUMNS[name]
+        means, errors = [], [[], []]
+        for condition in conditions:
+            values = [100 * r[metric] for r in rows if r["condition"] == condition and metric in r]
+            mean = statistics.fmean(values) if values else float("nan")
+            means.append(mean)
+            errors[0].append(mean - min(values) if values else 0)
+            errors[1].append(max(values) - mean if values else 0)
+        xs = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(conditions))]
+        ax.bar(xs, means, width, yerr=errors, capsize=2, label=name)
+    ax.set_xticks(range(len(conditions)), conditions, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Curated safety data against the benign swap, at equal refusal counts (mean, seed range)", fontsize=10)
+    if subtitle:
+        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if subtitle else 0, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def stage3_samples(config: Path) -> int:
+    """The stage-3 config's sample count, which turns a condition ratio into a number of curated refusals."""
+    samples = (((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("world") or {}).get("samples")
+    if not isinstance(samples, int):
+        raise ValueError(f"{config}: data.world.samples must be set to turn a condition ratio into a refusal count")
+    return samples
+
+
+def seed_args(seed: int) -> list[str]:
+    """A stage-3 seed: its own samples of the stage-2 tasks, swapped subset, order and dropout."""
+    return [
+        f"--seed_everything={seed}", f"--data.seed={seed}", f"--data.rejection.seed={seed}",
+        f"--data.world.seed={seed + 1}",
+    ]  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m mllm_safety.world",
@@ -302,10 +408,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--from_shipped", action="store_true", help="Skip stages 0-2: stage 3 from shipped weights.")
     parser.add_argument("--safebench", type=Path, help="FigStep's safebench.csv: an extra held-out check.")
     parser.add_argument("--safebench_limit", type=int, default=100, help="SafeBench questions per channel.")
+    parser.add_argument(
+        "--conditions", nargs="+", choices=CONDITIONS, default=["swap"], metavar="CONDITION",
+        help=f"What to run beside stages 0-2: any of {', '.join(CONDITIONS)} (see above).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--condition_ratios", type=float, nargs="+", default=[0.05, 0.1],
+        help="Refusal shares of the curated arms (refusals = share x stage-3 samples, as the swap at that ratio).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stage2_ratios", type=float, nargs="+", default=[0.01, 0.05],
+        help="Swap ratios of stage2_rejection (0.01 of stage 2's 2400 samples: as many refusals as stage 3 at 0.05).",
+    )  # fmt: skip
     parser.add_argument("--tower_args", nargs=argparse.REMAINDER, default=[], help=argparse.SUPPRESS)
     args, fit_args = parser.parse_known_args(argv)
-    if bad := [r for r in args.ratios if not 0.0 <= r <= 1.0]:
-        parser.error(f"--ratios must be in [0, 1], got {bad}")
+    for option in ("ratios", "condition_ratios", "stage2_ratios"):
+        if bad := [r for r in getattr(args, option) if not 0.0 <= r <= 1.0]:
+            parser.error(f"--{option} must be in [0, 1], got {bad}")
+    if args.from_shipped and "stage2_rejection" in args.conditions:
+        parser.error("--conditions stage2_rejection rebuilds stage 2 from stage 2a: it cannot run --from_shipped")
     if not args.configs.is_dir():
         parser.error(f"--configs {args.configs}: no such folder")
     if args.safebench is not None and not args.safebench.is_file():
@@ -319,7 +440,8 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, args.configs, fit_args, launch)
     questions = safebench_file(args.safebench, out) if args.safebench else None
-    stage2_folder = None
+    world: list[tuple[str, Path, str, dict]] = []  # (condition, folder, evaluation label, extra columns)
+    compared: list[tuple[str, Path, str, dict]] = []
     if args.from_shipped:
         stage2 = SHIPPED_STAGE2
     else:
@@ -332,32 +454,66 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
             runner.stage("stage1", command + args.tower_args, [config], folder)
         stage0 = runner.fit("stage0", "stage0.yaml", tower, out / "stage0")
         aligned = runner.fit("stage2_align", "stage2_align.yaml", stage0, out / "stage2_align")
-        stage2_folder = out / "stage2"
-        stage2 = runner.fit("stage2", "stage2.yaml", aligned, stage2_folder)
+        stage2 = runner.fit("stage2", "stage2.yaml", aligned, out / "stage2")
+        stages = [("stage 0", out / "stage0", "epoch 0", {}), ("stage 2", out / "stage2", "epoch 0", {})]
+        world += [("base model", out / "stage0", "before", {}), *stages]
+        compared += stages
         if questions is not None:
-            runner.safebench("stage0", "stage0.yaml", stage0, questions, args.safebench_limit)
-            runner.safebench("stage2", "stage2.yaml", stage2, questions, args.safebench_limit)
+            runner.safebench("stage0.yaml", stage0, questions, args.safebench_limit)
+            runner.safebench("stage2.yaml", stage2, questions, args.safebench_limit)
+        runner.evaluate("description", "stage0.yaml", stage0, DESCRIPTION_ONLY)
+        runner.evaluate("description", "stage2.yaml", stage2, DESCRIPTION_ONLY)
         if SHIPPED_STAGE2.is_file():
             check = compare_weights(stage2, SHIPPED_STAGE2)
-            (stage2_folder / "check.json").write_text(json.dumps(check, indent=1))
+            (out / "stage2" / "check.json").write_text(json.dumps(check, indent=1))
             print(f"[world] rebuilt stage 2 vs shipped {SHIPPED_STAGE2.name}: {check}", flush=True)
-    for ratio in args.ratios:
-        for seed in args.seeds:
-            extra = [
-                f"--data.rejection_ratio={ratio}", f"--seed_everything={seed}", f"--data.seed={seed}",
-                f"--data.rejection.seed={seed}", f"--data.world.seed={seed + 1}",
-            ]  # fmt: skip
-            folder = out / "stage3" / f"r{ratio:g}_s{seed}"
-            name = f"stage3 r={ratio:g} seed={seed}"
-            weights = runner.fit(name, "stage3.yaml", stage2, folder, extra)
-            if questions is not None and seed == args.seeds[0]:
-                runner.safebench(name, "stage3.yaml", weights, questions, args.safebench_limit)
-    rows = table_rows(out, args.ratios, args.seeds, stage2_folder)
+        if "stage2_rejection" in args.conditions:
+            for ratio in args.stage2_ratios:
+                folder = out / "stage2_rejection" / f"r{ratio:g}"
+                name = f"stage2 rejection r={ratio:g}"
+                weights = runner.fit(name, "stage2.yaml", aligned, folder, [f"--data.rejection_ratio={ratio}"])
+                runner.evaluate("description", "stage2.yaml", weights, DESCRIPTION_ONLY)
+                compared.append((f"stage 2 + rejection, r={ratio:g}", folder, "epoch 0", {"ratio": ratio}))
+    if "swap" in args.conditions:
+        for ratio in args.ratios:
+            for seed in args.seeds:
+                folder = out / "stage3" / f"r{ratio:g}_s{seed}"
+                name = f"stage3 r={ratio:g} seed={seed}"
+                weights = runner.fit(
+                    name, "stage3.yaml", stage2, folder, [f"--data.rejection_ratio={ratio}", *seed_args(seed)]
+                )
+                if questions is not None and seed == args.seeds[0]:
+                    runner.safebench("stage3.yaml", weights, questions, args.safebench_limit)
+                columns = {"ratio": ratio, "seed": seed}
+                world.append((f"stage 3, r={ratio:g}", folder, "epoch 0", columns))
+                if ratio in args.condition_ratios:
+                    compared.append((f"stage 3 swap, r={ratio:g}", folder, "epoch 0", columns))
+    arms = [arm for arm in CURATED_ARMS if arm in args.conditions]
+    if arms:
+        samples = stage3_samples(args.configs / "stage3.yaml")
+        for ratio in args.condition_ratios:
+            refusals = round(ratio * samples)
+            for arm in arms:
+                for seed in args.seeds:
+                    folder = out / "stage3" / f"{arm}_r{ratio:g}_s{seed}"
+                    extra = ["--data.rejection_ratio=0", f"--data.world.curated={refusals}", *CURATED_ARMS[arm]]
+                    runner.fit(
+                        f"stage3 {arm} r={ratio:g} seed={seed}", "stage3.yaml", stage2, folder, extra + seed_args(seed)
+                    )
+                    columns = {"ratio": ratio, "seed": seed, "refusals": refusals}
+                    compared.append((f"stage 3 {arm}, r={ratio:g}", folder, "epoch 0", columns))
+    made = caption("mllm_safety.world", argv)
+    rows = table_rows(world)
     if rows:
-        made = caption("mllm_safety.world", argv)
         print(write_table(rows, out, made))
         plot(rows, out / "world.png", made.replace("`", ""))
         print(f"[world] wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'world.png'}")
+    if arms or "stage2_rejection" in args.conditions:
+        # the stages before stage 3 first, then each condition ratio's arms together
+        comparison = table_rows(sorted(compared, key=lambda run: run[0].startswith("stage 3") and run[3]["ratio"]))
+        print(write_comparison(comparison, out, made))
+        plot_comparison(comparison, out / "comparison.png", made.replace("`", ""))
+        print(f"[world] wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and {out / 'comparison.png'}")
     if runner.timings:
         (out / "timings.json").write_text(json.dumps(runner.timings, indent=1))
     return rows

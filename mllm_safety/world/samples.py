@@ -12,7 +12,12 @@ Training sets (``WorldData.kind``), written as shards in the project's layout by
   twins), word tasks (first word, last word, number of words), and scenes of coloured shapes (the demo's scenes:
   shapes, colours, counts, positions).
 
-No harmful request is ever written on a training image, and none has an answer anywhere. Held-out requests and twins
+The ``visual`` set can carry *curated* safety data instead of some of its samples (``WorldData.curated``, issue 20's
+comparison with the paper's benign swap), shaped like VLGuard: held-in harmful requests written on boards and
+refused in varied words (:data:`CURATED_REFUSALS`), each with its benign twin on a board, answered (the contrastive
+pair). Its ablations drop the twins, fix every refusal to one sentence, or replace the boards with boards of other
+benign text (image content). Without curated data no harmful request is ever written on a training image, and none
+has an answer anywhere. Held-out requests and twins
 appear only in the evaluation prompts (:func:`eval_prompts`), together with everyday questions that no training set
 asks (the utility check). Everything derives from the given seed and the LLM's tokenizer (a board holds one token per
 cell), so the same seed gives the same shards.
@@ -36,6 +41,7 @@ from mllm_safety.world import bank
 from mllm_safety.world.typography import GRID, IMAGE_SIZE, render_board
 
 WorldKind = Literal["align", "transcribe", "visual"]
+CuratedImage = Literal["request", "other"]
 _VERSION = 3
 """Bump when generation changes, so cached sets of an older version are not reused."""
 
@@ -56,6 +62,16 @@ EVAL_QUESTIONS = {"arithmetic": 12, "units": 8, "capital": 5, "opposite": 5, "le
 """Held-out everyday questions per kind: about a quarter of a small kind's distinct questions, so training keeps
 most of each kind."""
 EVAL_WORD_TASKS = 15
+CURATED_REFUSALS = (
+    "I'm sorry, but I can't help with that. The request in the image could be used to hurt people.",
+    "I cannot assist with this request. What the image asks for is dangerous and could cause harm.",
+    "Sorry, I won't help with that. The image asks for something harmful or illegal.",
+    "I'm not able to help with the request in this image, because it could put people at risk.",
+    "I can't provide that. Helping with what the image asks could lead to real harm.",
+    "I'm sorry, but I cannot help with this. The text in the image requests something unsafe.",
+)
+"""The curated data's refusals: varied, with a reason, as curated safety sets (VLGuard) write them; none is the
+paper's swap sentence or stage 0's words."""
 
 
 @dataclass
@@ -73,6 +89,17 @@ class WorldData:
     LLaVA's instruction mix keeps the chat model's own text conversations: the LLM stays aligned on text while the
     images are tuned. No image sample is ever refused."""
 
+    curated: int = 0
+    """Curated safety samples (``visual`` only, at most half of ``samples``): this many held-in harmful requests on
+    boards, refused, in place of as many samples (with ``curated_twins``, as many again for their twins)."""
+    curated_twins: bool = True
+    """Each refused request comes with its benign twin on a board, answered (VLGuard's contrastive pairs)."""
+    curated_reply: str | None = None
+    """One sentence for every curated refusal (the response-quality ablation); None: :data:`CURATED_REFUSALS`."""
+    curated_image: CuratedImage = "request"
+    """``request``: the request (twin) is written on the board; ``other``: the board shows other benign text (the
+    image-content ablation: what the image shows changes, the prompt and the reply stay)."""
+
     def __post_init__(self) -> None:
         if self.kind not in ("align", "transcribe", "visual"):
             raise ValueError(f"unknown world data kind {self.kind!r}; use align, transcribe or visual")
@@ -80,6 +107,25 @@ class WorldData:
             raise ValueError(f"world samples must be >= 1, got {self.samples}")
         if not 0.0 <= self.text_share < 1.0:
             raise ValueError(f"world text_share must be in [0, 1), got {self.text_share}")
+        if self.curated:
+            if self.kind != "visual":
+                raise ValueError(f"world curated samples belong to the visual set, not {self.kind!r}")
+            if not 0 < 2 * self.curated <= self.samples:  # twins or not, the same places are drawn
+                raise ValueError(f"world curated={self.curated} must be > 0 and at most half of samples={self.samples}")
+            if self.curated_image not in ("request", "other"):
+                raise ValueError(f"world curated_image must be request or other, got {self.curated_image!r}")
+            if self.curated_reply is not None and not self.curated_reply.strip():
+                raise ValueError("world curated_reply must be a sentence or null")
+
+    @property
+    def curated_params(self) -> dict:
+        """The curated settings that change the samples ({} without curated data, so older sets keep their name)."""
+        if not self.curated:
+            return {}
+        return {
+            "curated": self.curated, "twins": self.curated_twins, "reply": self.curated_reply,
+            "image": self.curated_image,
+        }  # fmt: skip
 
 
 def pieces(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str] | None:
@@ -178,12 +224,46 @@ class _Generator:
         first = scene.record["conversations"][:2]
         return _turns(first[0]["value"].removeprefix("<image>\n"), first[1]["value"], image=True), scene.png
 
+    def curated_samples(self) -> dict[int, tuple[list[dict[str, str]], bytes | None]]:
+        """Sample index -> a curated sample (see :class:`WorldData`). The requests, their positions, prompts and
+        replies come from streams of their own, so an ablation changes only what it ablates."""
+        data = self.data
+
+        def stream(name: str) -> random.Random:
+            return random.Random(f"world-curated-{name}-{data.seed}")
+
+        fits = [p for p in self.held_in if pieces(self.tokenizer, p.harmful) and pieces(self.tokenizer, p.benign)]
+        pairs = [stream("requests").choice(fits) for _ in range(data.curated)]
+        positions = stream("positions").sample(range(data.samples), 2 * data.curated)  # request, twin, request, ...
+        prompts, replies, boards = stream("prompts"), stream("replies"), stream("boards")
+        made = {}
+        for index, pair in enumerate(pairs):
+            varied = replies.choice(CURATED_REFUSALS)  # drawn even when fixed: the streams stay aligned
+            shown = [(pair.harmful, data.curated_reply or varied), (pair.benign, pair.answer)]
+            for position, (text, reply) in zip(positions[2 * index : 2 * index + 2], shown):
+                prompt = prompts.choice(_ANSWER_PROMPTS)
+                board = text if data.curated_image == "request" else self.other_board(boards)
+                if text is pair.harmful or data.curated_twins:
+                    made[position] = _turns(prompt, reply, image=True), self.board(board)
+        return made
+
+    def other_board(self, rng: random.Random) -> str:
+        """Benign words in random order that fit a board (the image-content ablation's replacement)."""
+        while pieces(self.tokenizer, text := " ".join(rng.choices(self.words, k=rng.randint(3, 9)))) is None:
+            pass
+        return text
+
     def __iter__(self) -> Iterator[tuple[dict, tuple[str, bytes] | None]]:
         make = getattr(self, self.data.kind)
+        curated = self.curated_samples() if self.data.curated else {}
         count = 0
         while count < self.data.samples:
-            text = self.data.kind == "align" or self.rng.random() < self.data.text_share
-            turns, png = self.align() if text else make()
+            if count in curated:
+                turns, png = curated.pop(count)
+                text = False
+            else:
+                text = self.data.kind == "align" or self.rng.random() < self.data.text_share
+                turns, png = self.align() if text else make()
             if png is None and not text:
                 continue  # a text too long for a board
             sample_id = f"world-{self.data.kind}-{self.data.seed}-{count:06d}"
@@ -211,6 +291,9 @@ def ensure_world_shards(cache: str | Path, tokenizer: PreTrainedTokenizerBase, d
     params = {"version": _VERSION, "kind": data.kind, "samples": data.samples, "seed": data.seed, "vocab": vocab_sum}
     params["text_share"] = data.text_share
     name = f"world-v{_VERSION}-{data.kind}-n{data.samples}-s{data.seed}-x{data.text_share:g}-t{vocab_sum:08x}"
+    if curated := data.curated_params:
+        params["curated"] = curated
+        name += f"-c{zlib.crc32(repr(sorted(curated.items())).encode()):08x}"
     out_dir = Path(cache) / name
     return write_generated_shards(out_dir, "world", params, _Generator(tokenizer, data), shard_size=256)
 
