@@ -43,7 +43,7 @@ srun python -m mllm_safety.evaluate --config configs/missing.yaml --output DIR
 python -m mllm_safety.export --config RUN_CONFIG --ckpt_path CKPT --output DIR --model.lora.rr 8
 python -m mllm_safety.sweep --config CONFIG --sweep.ratios '[0, 0.1]' --trainer.max_epochs two
 python -m mllm_safety.data.convert --json x.json --output /data/shards --image_rooot /data
-python -m mllm_safety.world --out runs/world --rebuild_towr
+python -m mllm_safety.world --output runs/world --rebuild_towr
 bash scripts/setupp.sh && python -m mllm_safety.fit --config configs/demo.yaml --print_config  # scripts/nothing.py
 ```
 

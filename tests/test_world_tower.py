@@ -50,7 +50,7 @@ def test_boards_name_the_token_of_every_cell(tokenizer):
 
 def test_a_short_pretraining_writes_a_tower_the_world_model_loads(tmp_path):
     out = tmp_path / "tower.safetensors"
-    figures = pretrain(TowerSettings(out=str(out), steps=2, batch_size=2, frequent_tokens=10, eval_every=2))
+    figures = pretrain(TowerSettings(output=str(out), steps=2, batch_size=2, frequent_tokens=10, eval_every=2))
     assert 0.0 <= figures["token_lookup"] <= 1.0 and figures["vocab"] > 1000
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())

@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
             folder = out / "stage1"
             tower = folder / "trainable.safetensors"
             config = args.configs / "stage1.yaml"
-            command = ["-m", "mllm_safety.world.tower", "--config", str(config), "--out", str(tower)]
+            command = ["-m", "mllm_safety.world.tower", "--config", str(config), "--output", str(tower)]
             runner.stage("stage1", command + args.tower_args, [config], folder)
         stage0 = runner.fit("stage0", "stage0.yaml", tower, out / "stage0")
         aligned = runner.fit("stage2_align", "stage2_align.yaml", stage0, out / "stage2_align")

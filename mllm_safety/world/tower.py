@@ -68,7 +68,7 @@ def reading_vocab(tokenizer: PreTrainedTokenizerBase, frequent: int, extra_texts
 class TowerSettings:
     """How the reading tower is pretrained."""
 
-    out: str = "runs/world/stage1/trainable.safetensors"
+    output: str = "runs/world/stage1/trainable.safetensors"
     """The trainable-weights file to write (vision tower and projector)."""
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(name="world-vit", select_layer=-1))
     """The tower (an open_clip ViT whose patch size is the world's cell)."""
@@ -127,7 +127,7 @@ class Boards:
 
 
 def pretrain(settings: TowerSettings) -> dict[str, float]:
-    """Train the tower and its projector, write them to ``settings.out``; returns the final lookup accuracy."""
+    """Train the tower and its projector, write them to ``settings.output``; returns the final lookup accuracy."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -186,8 +186,8 @@ def pretrain(settings: TowerSettings) -> dict[str, float]:
             log.info("step %d/%d loss %.4f %s (%.0fs)", step + 1, settings.steps, loss.item(), figures, seconds)
     model = nn.ModuleDict({"vision": encoder, "projector": projector})
     state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-    save_trainable(Path(settings.out), state)
-    log.info("wrote %s", settings.out)
+    save_trainable(Path(settings.output), state)
+    log.info("wrote %s", settings.output)
     return {**figures, "vocab": float(len(vocab)), "seconds": time.time() - start}
 
 
