@@ -96,7 +96,7 @@ COMPARISON_COLUMNS = (
 CURATED_ARMS: dict[str, list[str]] = {
     "curated": [],
     "curated_no_twins": ["--data.world.curated_twins=false"],
-    "curated_fixed_reply": [f'--data.world.curated_reply="{PAPER_REJECTION}"'],
+    "curated_fixed_reply": [f"--data.world.curated_reply={PAPER_REJECTION}"],  # taken as written, no quotes
     "curated_other_image": ["--data.world.curated_image=other"],
 }
 """Curated stage-3 arm -> its options beside ``data.world.curated`` (the ablations of the paper's section 4)."""
