@@ -193,7 +193,7 @@ def test_the_comparison_runs_every_arm_at_equal_refusals_and_reuses_finished_run
     assert option(by_folder["curated_r0.05_s0"], "data.world.curated_twins") is None
     assert option(by_folder["curated_no_twins_r0.05_s0"], "data.world.curated_twins") == "false"
     assert option(by_folder["curated_fixed_reply_r0.05_s0"], "data.world.curated_reply") == (
-        '"I\'m sorry, but I cannot assist with your request"'
+        "I'm sorry, but I cannot assist with your request"  # unquoted: jsonargparse keeps quotes as written
     )
     assert option(by_folder["curated_other_image_r0.05_s0"], "data.world.curated_image") == "other"
 
