@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_check import entry_parser
 
+from mllm_safety.data.rejection import PAPER_REJECTION
 from mllm_safety.model.trainable import save_trainable
 from mllm_safety.world.driver import COLUMNS, main
 
@@ -196,6 +198,10 @@ def test_the_comparison_runs_every_arm_at_equal_refusals_and_reuses_finished_run
         "I'm sorry, but I cannot assist with your request"  # unquoted: jsonargparse keeps quotes as written
     )
     assert option(by_folder["curated_other_image_r0.05_s0"], "data.world.curated_image") == "other"
+    # fit's own parser reads each arm's command as meant (a quoted sentence would keep its quotes)
+    parsed = entry_parser("mllm_safety.fit").parse_args(by_folder["curated_fixed_reply_r0.05_s0"][2:])
+    assert parsed.data.world.curated_reply == PAPER_REJECTION and parsed.data.world.curated == 24
+    assert parsed.data.rejection_ratio == 0 and parsed.data.world.curated_twins is True
 
     comparison = (out / "comparison.md").read_text()
     conditions = [line.split(" | ")[0].strip("| ") for line in comparison.splitlines() if line.startswith("| stage")]
