@@ -12,13 +12,14 @@ Training sets (``WorldData.kind``), written as shards in the project's layout by
   twins), word tasks (first word, last word, number of words), and scenes of coloured shapes (the demo's scenes:
   shapes, colours, counts, positions).
 
-The ``visual`` set can carry *curated* safety data instead of some of its samples (``WorldData.curated``, issue 20's
-comparison with the paper's benign swap), shaped like VLGuard: held-in harmful requests written on boards and
-refused in varied words (:data:`CURATED_REFUSALS`), each with its benign twin on a board, answered (the contrastive
-pair). Its ablations drop the twins, fix every refusal to one sentence, or replace the boards with boards of other
-benign text (image content). Without curated data no harmful request is ever written on a training image, and none
-has an answer anywhere. Held-out requests and twins
-appear only in the evaluation prompts (:func:`eval_prompts`), together with everyday questions that no training set
+The ``visual`` set can carry *curated* safety data in place of some of its samples (``WorldData.curated``: the
+paper's comparison of curated data with its benign swap), shaped like VLGuard: held-in harmful requests written on
+boards and refused in varied words (:data:`CURATED_REFUSALS`), each with its benign twin on a board, answered (the
+contrastive pair). Its ablations drop the twins, fix every refusal to one sentence, or replace the boards with boards
+of other benign text (image content).
+
+Without curated data no harmful request is ever written on a training image; none has an answer anywhere. Held-out
+requests and twins appear only in the evaluation prompts (:func:`eval_prompts`), together with everyday questions that no training set
 asks (the utility check). Everything derives from the given seed and the LLM's tokenizer (a board holds one token per
 cell), so the same seed gives the same shards.
 """
@@ -87,7 +88,7 @@ class WorldData:
     text_share: float = 0.0
     """Share of the samples drawn from the ``align`` set instead (text only, held-in harmful requests refused), as
     LLaVA's instruction mix keeps the chat model's own text conversations: the LLM stays aligned on text while the
-    images are tuned. No image sample is ever refused."""
+    images are tuned. No image sample is refused, except curated ones."""
 
     curated: int = 0
     """Curated safety samples (``visual`` only, at most half of ``samples``): this many held-in harmful requests on
@@ -240,10 +241,10 @@ class _Generator:
         for index, pair in enumerate(pairs):
             varied = replies.choice(CURATED_REFUSALS)  # drawn even when fixed: the streams stay aligned
             shown = [(pair.harmful, data.curated_reply or varied), (pair.benign, pair.answer)]
-            for position, (text, reply) in zip(positions[2 * index : 2 * index + 2], shown):
+            for twin, position, (text, reply) in zip((False, True), positions[2 * index : 2 * index + 2], shown):
                 prompt = prompts.choice(_ANSWER_PROMPTS)
                 board = text if data.curated_image == "request" else self.other_board(boards)
-                if text is pair.harmful or data.curated_twins:
+                if data.curated_twins or not twin:
                     made[position] = _turns(prompt, reply, image=True), self.board(board)
         return made
 
