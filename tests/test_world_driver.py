@@ -216,6 +216,20 @@ def test_the_comparison_runs_every_arm_at_equal_refusals_and_reuses_finished_run
     world = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| stage")]
     assert len(world) == 4 and not any("curated" in line or "+" in line for line in world)  # the swap's table
 
+    # an interrupted grid: --tabulate runs nothing and tables only the runs finished with today's inputs
+    (out / "stage3" / "curated_no_twins_r0.05_s1" / "done.json").unlink()
+    (out / "stage2_rejection" / "r0.01" / "description" / "done.json").unlink()
+    tabulated = FakeLauncher()
+    main([*common, "--conditions", "swap", *arms, "stage2_rejection", "--tabulate"], launch=tabulated)
+    assert tabulated.commands == []
+    table = (out / "comparison.md").read_text()
+    assert "| stage 3 curated_no_twins, r=0.05 | 1 | 50.0 |" in table and "| stage 3 curated, r=0.05 | 2 |" in table
+    assert re.search(r"\| stage 2 \+ rejection, r=0.01 \| 1 \|.* 49.0 \|\n", table)  # description not current
+    empty = FakeLauncher()
+    main(["--output", str(tmp_path / "none"), "--configs", str(CONFIGS), "--tabulate"], launch=empty)
+    assert empty.commands == [] and not (tmp_path / "none" / "results.md").exists()
+    main([*common, "--conditions", "swap", *arms, "stage2_rejection"], launch=FakeLauncher())  # finish the grid
+
     subset = FakeLauncher()  # a subset of the conditions reuses every finished run
     main([*common, "--conditions", "curated", "curated_no_twins"], launch=subset)
     assert subset.commands == []

@@ -25,8 +25,9 @@ configs predate them) the driver evaluates them apart, in ``<stage>/description`
 
 A stage whose folder holds a finished run with the same inputs (config text, arguments, and the bytes of the weights
 it starts from) is reused, so an interrupted build continues and a changed stage reruns with everything after it.
-The rebuilt stage-2 weights are compared with the shipped ones (``weights/stage2.safetensors``, the demo's start):
-``stage2/check.json``. ``--from_shipped`` skips stages 0-2 and starts stage 3 from the shipped weights.
+The rebuilt stage-2 weights are compared with the shipped ones (``weights/stage2.safetensors``, where
+``stage3.yaml`` starts by default): ``stage2/check.json``. ``--from_shipped`` skips stages 0-2 and starts stage 3 from
+the shipped weights. ``--tabulate`` runs nothing and writes the tables from the runs already finished.
 
 ``--safebench safebench.csv`` adds FigStep's SafeBench as an extra held-out check: its questions (the legitimate-
 advice categories left out, and those longer than a board) as text and written on the world's boards, evaluated
@@ -130,18 +131,31 @@ def sha256(path: Path) -> str:
 
 
 class Runner:
-    """Runs stages in subprocesses, each in its own folder, reusing finished ones with the same inputs."""
+    """Runs stages in subprocesses, each in its own folder, reusing finished ones with the same inputs; with
+    ``tabulate``, runs nothing and only tells which are finished."""
 
-    def __init__(self, out: Path, configs: Path, fit_args: list[str], launch: Callable[[list[str], Path], int]):
-        self.out, self.configs, self.fit_args, self.launch = out, configs, fit_args, launch
+    def __init__(
+        self, out: Path, configs: Path, fit_args: list[str], launch: Callable[[list[str], Path], int],
+        tabulate: bool = False,
+    ):  # fmt: skip
+        self.out, self.configs, self.fit_args, self.launch, self.tabulate = out, configs, fit_args, launch, tabulate
         self.timings: dict[str, float] = {}
+        self.current: set[Path] = set()
+        """Folders holding a finished run of today's command and inputs: the only ones the tables read."""
 
     def stage(self, name: str, command: list[str], inputs: list[Path], folder: Path) -> bool:
         """Run ``command`` in ``folder`` unless a finished run with the same inputs is there; True if it ran."""
+        if self.tabulate and not all(p.is_file() for p in inputs):
+            print(f"[world] {name}: not run (an input is not built)", flush=True)
+            return False
         fingerprint = {"command": command, "inputs": {str(p): sha256(p) for p in inputs}}
         done = folder / DONE
         if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
             print(f"[world] {name}: reusing {folder}", flush=True)
+            self.current.add(folder)
+            return False
+        if self.tabulate:
+            print(f"[world] {name}: not run (--tabulate)", flush=True)
             return False
         folder.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
@@ -152,6 +166,7 @@ class Runner:
             raise RuntimeError(f"world {name} failed (exit {code}); see {folder / 'run.log'}")
         self.timings[name] = time.time() - start
         done.write_text(json.dumps({"fingerprint": fingerprint, "seconds": self.timings[name]}, indent=1))
+        self.current.add(folder)
         return True
 
     def fit(self, name: str, config: str, init: Path, folder: Path, extra: list[str] = ()) -> Path:
@@ -230,17 +245,17 @@ def compare_weights(rebuilt: Path, shipped: Path) -> dict[str, float]:
     return {"same_names": float(names_a == names_b), "max_abs": worst_abs, "max_rel_l2": worst_rel}
 
 
-def read_row(condition: str, folder: Path, label: str, **extra) -> dict | None:
-    """One evaluation of a run as a table row (None if the run has not written it), with the figures of the
-    run's separate evaluations (``safebench``, ``description``) added, except to the evaluation before training."""
+def read_row(condition: str, folder: Path, label: str, current: set[Path], **extra) -> dict | None:
+    """One evaluation of a ``current`` run as a table row (None if there is none), with the figures of the run's
+    current separate evaluations (``safebench``, ``description``) added, except to the evaluation before training."""
     path = folder / EVALUATIONS
-    if not path.is_file() or label not in (evaluations := json.loads(path.read_text())):
+    if folder not in current or not path.is_file() or label not in (evaluations := json.loads(path.read_text())):
         return None
     row = {"condition": condition, **extra, **evaluations[label]}
     if label != "before":
         for name in ("safebench", "description"):
             report = folder / name / "report.json"
-            if report.is_file():
+            if folder / name in current and report.is_file():
                 figures = json.loads(report.read_text())
                 row |= {f"safety/{k}": v for k, v in figures["judges"]["xstest"]["figures"].items()}
                 utility = figures.get("utility", {})
@@ -248,9 +263,9 @@ def read_row(condition: str, folder: Path, label: str, **extra) -> dict | None:
     return row
 
 
-def table_rows(runs: list[tuple[str, Path, str, dict]]) -> list[dict]:
-    """One row per (condition, run folder, evaluation label, extra columns) whose evaluation exists."""
-    return [row for condition, folder, label, extra in runs if (row := read_row(condition, folder, label, **extra))]
+def table_rows(runs: list[tuple[str, Path, str, dict]], current: set[Path]) -> list[dict]:
+    """One row per (condition, run folder, evaluation label, extra columns) whose run is current and evaluated."""
+    return [row for name, folder, label, extra in runs if (row := read_row(name, folder, label, current, **extra))]
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
@@ -420,6 +435,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--stage2_ratios", type=float, nargs="+", default=[0.01, 0.05],
         help="Swap ratios of stage2_rejection (0.01 of stage 2's 2400 samples: as many refusals as stage 3 at 0.05).",
     )  # fmt: skip
+    parser.add_argument(
+        "--tabulate", action="store_true",
+        help="Run nothing: write the tables from the runs already finished (an interrupted grid's partial results).",
+    )  # fmt: skip
     parser.add_argument("--tower_args", nargs=argparse.REMAINDER, default=[], help=argparse.SUPPRESS)
     args, fit_args = parser.parse_known_args(argv)
     for option in ("ratios", "condition_ratios", "stage2_ratios"):
@@ -438,7 +457,7 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
     args, fit_args = parse_args(argv)
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out, args.configs, fit_args, launch)
+    runner = Runner(out, args.configs, fit_args, launch, args.tabulate)
     questions = safebench_file(args.safebench, out) if args.safebench else None
     world: list[tuple[str, Path, str, dict]] = []  # (condition, folder, evaluation label, extra columns)
     compared: list[tuple[str, Path, str, dict]] = []
@@ -463,7 +482,7 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
             runner.safebench("stage2.yaml", stage2, questions, args.safebench_limit)
         runner.evaluate("description", "stage0.yaml", stage0, DESCRIPTION_ONLY)
         runner.evaluate("description", "stage2.yaml", stage2, DESCRIPTION_ONLY)
-        if SHIPPED_STAGE2.is_file():
+        if SHIPPED_STAGE2.is_file() and stage2.is_file():
             check = compare_weights(stage2, SHIPPED_STAGE2)
             (out / "stage2" / "check.json").write_text(json.dumps(check, indent=1))
             print(f"[world] rebuilt stage 2 vs shipped {SHIPPED_STAGE2.name}: {check}", flush=True)
@@ -503,17 +522,20 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
                     columns = {"ratio": ratio, "seed": seed, "refusals": refusals}
                     compared.append((f"stage 3 {arm}, r={ratio:g}", folder, "epoch 0", columns))
     made = caption("mllm_safety.world", argv)
-    rows = table_rows(world)
+    rows = table_rows(world, runner.current)
     if rows:
         print(write_table(rows, out, made))
         plot(rows, out / "world.png", made.replace("`", ""))
         print(f"[world] wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'world.png'}")
     if arms or "stage2_rejection" in args.conditions:
         # the stages before stage 3 first, then each condition ratio's arms together
-        comparison = table_rows(sorted(compared, key=lambda run: run[0].startswith("stage 3") and run[3]["ratio"]))
-        print(write_comparison(comparison, out, made))
-        plot_comparison(comparison, out / "comparison.png", made.replace("`", ""))
-        print(f"[world] wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and {out / 'comparison.png'}")
-    if runner.timings:
-        (out / "timings.json").write_text(json.dumps(runner.timings, indent=1))
+        ordered = sorted(compared, key=lambda run: run[0].startswith("stage 3") and run[3]["ratio"])
+        if comparison := table_rows(ordered, runner.current):
+            print(write_comparison(comparison, out, made))
+            plot_comparison(comparison, out / "comparison.png", made.replace("`", ""))
+            print(f"[world] wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and {out / 'comparison.png'}")
+    if runner.timings:  # seconds per stage, over every invocation on this folder
+        timings = out / "timings.json"
+        earlier = json.loads(timings.read_text()) if timings.is_file() else {}
+        timings.write_text(json.dumps(earlier | runner.timings, indent=1))
     return rows
