@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mllm_safety"
 
-WORLD_RUNS = ("mllm_safety.world.driver", "mllm_safety.world.tower")
+WORLD_RUNS = ("mllm_safety.world.driver", "mllm_safety.world.report", "mllm_safety.world.tower")
 """The world's modules that train and evaluate; its data modules (bank, typography, samples) sit beside ``data``."""
 FORBIDDEN = {
     "constants": ("mllm_safety.",),

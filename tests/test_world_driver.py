@@ -12,7 +12,8 @@ from docs_check import entry_parser
 
 from mllm_safety.data.rejection import PAPER_REJECTION
 from mllm_safety.model.trainable import save_trainable
-from mllm_safety.world.driver import COLUMNS, main
+from mllm_safety.world.driver import main
+from mllm_safety.world.report import COLUMNS
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "world"
 

@@ -19,9 +19,9 @@ contrastive pair). Its ablations drop the twins, fix every refusal to one senten
 of other benign text (image content).
 
 Without curated data no harmful request is ever written on a training image; none has an answer anywhere. Held-out
-requests and twins appear only in the evaluation prompts (:func:`eval_prompts`), together with everyday questions that no training set
-asks (the utility check). Everything derives from the given seed and the LLM's tokenizer (a board holds one token per
-cell), so the same seed gives the same shards.
+requests and twins appear only in the evaluation prompts (:func:`eval_prompts`), together with everyday questions
+that no training set asks (the utility check). Everything derives from the given seed and the LLM's tokenizer (a
+board holds one token per cell), so the same seed gives the same shards.
 """
 
 from __future__ import annotations

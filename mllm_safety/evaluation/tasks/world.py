@@ -120,8 +120,13 @@ def description_set(name: str) -> EvalSet:
     set_id = set_name(name, DESCRIPTION)
     prompts = [
         EvalPrompt(
-            scene.id, set_id, f"{len(scene.shapes)} shapes", DESCRIBE_PROMPT,
-            EncodedImage(scene.png, f"generated: held-out scene {scene.id}"), DESCRIBE_PROMPT, target=scene.shapes,
+            scene.id,
+            set_id,
+            f"{len(scene.shapes)} shapes",
+            DESCRIBE_PROMPT,
+            EncodedImage(scene.png, f"generated: held-out scene {scene.id}"),
+            DESCRIBE_PROMPT,
+            target=scene.shapes,
         )  # fmt: skip
         for scene in held_out_scene_descriptions(DESCRIPTION_SCENES, IMAGE_SIZE, DESCRIPTION_STREAM)
     ]
