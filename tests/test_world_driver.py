@@ -207,7 +207,7 @@ def test_the_comparison_runs_every_arm_at_equal_refusals_and_reuses_finished_run
     comparison = (out / "comparison.md").read_text()
     conditions = [line.split(" | ")[0].strip("| ") for line in comparison.splitlines() if line.startswith("| stage")]
     assert conditions == [
-        "stage 0", "stage 2", "stage 2 + rejection, r=0.01", "stage 3 swap, r=0.05",
+        "stage 0", "stage 2", "stage 2 + rejection, r=0.01", "stage 3 control, r=0", "stage 3 swap, r=0.05",
         *(f"stage 3 {arm}, r=0.05" for arm in arms),
     ]  # fmt: skip
     # stage 2's description comes from its separate evaluation; the figures differ per seed

@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str], Path], int]
                     runner.safebench("stage3.yaml", weights, questions, args.safebench_limit)
                 columns = {"ratio": ratio, "seed": seed}
                 world.append((f"stage 3, r={ratio:g}", folder, "epoch 0", columns))
-                if ratio in args.condition_ratios:
-                    compared.append((f"stage 3 swap, r={ratio:g}", folder, "epoch 0", columns))
+                if ratio in args.condition_ratios or ratio == 0:  # r = 0: every arm's control, nothing refused
+                    label = f"stage 3 swap, r={ratio:g}" if ratio else "stage 3 control, r=0"
+                    compared.append((label, folder, "epoch 0", columns))
     arms = [arm for arm in CURATED_ARMS if arm in args.conditions]
     if arms:
         samples = stage3_samples(args.configs / "stage3.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 EVALUATIONS = "evaluations.json"
@@ -144,8 +145,8 @@ def plot(rows: list[dict], path: Path, subtitle: str | None = None) -> None:
     seeds = len({row.get("seed") for row in rows if "seed" in row})
     fig.suptitle(f"The world: stages 0-2 once, stage 3 over {seeds} seed(s) (mean, range)", fontsize=10)
     if subtitle:
-        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03 if subtitle else 0, 1, 1))
+        fig.text(0.5, 0.005, textwrap.fill(subtitle, 200), ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.05 if subtitle else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -179,7 +180,7 @@ def plot_comparison(rows: list[dict], path: Path, subtitle: str | None = None) -
     ax.legend(fontsize=7)
     ax.set_title("Curated safety data against the benign swap, at equal refusal counts (mean, seed range)", fontsize=10)
     if subtitle:
-        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03 if subtitle else 0, 1, 1))
+        fig.text(0.5, 0.005, textwrap.fill(subtitle, 200), ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.05 if subtitle else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
