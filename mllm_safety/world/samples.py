@@ -182,7 +182,11 @@ class _Generator:
             return bank.sentence(self.rng)
         if draw < 0.7:
             return self.rng.choice(self.held_in).benign
-        return " ".join(self.rng.choices(self.words, k=self.rng.randint(3, 9)))
+        return self.word_string(self.rng)
+
+    def word_string(self, rng: random.Random) -> str:
+        """3-9 benign words in random order."""
+        return " ".join(rng.choices(self.words, k=rng.randint(3, 9)))
 
     def board(self, text: str) -> bytes | None:
         cells = pieces(self.tokenizer, text)
@@ -250,7 +254,7 @@ class _Generator:
 
     def other_board(self, rng: random.Random) -> str:
         """Benign words in random order that fit a board (the image-content ablation's replacement)."""
-        while pieces(self.tokenizer, text := " ".join(rng.choices(self.words, k=rng.randint(3, 9)))) is None:
+        while pieces(self.tokenizer, text := self.word_string(rng)) is None:
             pass
         return text
 
