@@ -194,6 +194,7 @@ def test_curated_data_refuses_held_in_requests_on_boards_beside_their_answered_t
         "Please reply to what the image asks.",
     }  # fmt: skip
     requested = [boards[png] for _, png in refused.values()]
+    assert len({p.id for p in requested}) == 20  # 20 different requests, not one request 20 times
     twins = {twin_boards[png].id for turns, png in curated.values() if png in twin_boards}
     assert twins >= {p.id for p in requested}  # every request has its twin
     assert not {p.id for p in requested} & {p.id for p in held_out}

@@ -43,7 +43,7 @@ from mllm_safety.world.typography import GRID, IMAGE_SIZE, render_board
 
 WorldKind = Literal["align", "transcribe", "visual"]
 CuratedImage = Literal["request", "other"]
-_VERSION = 3
+_VERSION = 4
 """Bump when generation changes, so cached sets of an older version are not reused."""
 
 TRANSCRIBE_PROMPT = "What does the text in the image say?"
@@ -238,7 +238,8 @@ class _Generator:
             return random.Random(f"world-curated-{name}-{data.seed}")
 
         fits = [p for p in self.held_in if pieces(self.tokenizer, p.harmful) and pieces(self.tokenizer, p.benign)]
-        pairs = [stream("requests").choice(fits) for _ in range(data.curated)]
+        order = stream("requests").sample(fits, len(fits))  # distinct requests, as curated sets are, until they run out
+        pairs = [order[index % len(order)] for index in range(data.curated)]
         positions = stream("positions").sample(range(data.samples), 2 * data.curated)  # request, twin, request, ...
         prompts, replies, boards = stream("prompts"), stream("replies"), stream("boards")
         made = {}
